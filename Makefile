@@ -1,0 +1,27 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both set up .venv from nothing on a fresh machine first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The local CPU wheel of torch lives here; pinning torch==2.13.0 keeps pip off the CUDA builds.
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: setup demo test clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
+	$(BIN)/pip install -q $(FIND_LINKS) -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/splitinfer demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""The cloud worker: aiohttp service that runs the tail of split models."""

@@ -1,0 +1,1 @@
+"""Reference profiles and plans (JSON data, one folder per model)."""

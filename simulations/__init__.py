@@ -1,0 +1,1 @@
+"""Network-condition simulations: traces, simulator, real link emulation."""

@@ -1,0 +1,290 @@
+"""Choose the cut that minimises predicted end-to-end latency.
+
+The optimum over ALL downward-closed cuts is found exactly with a minimum s-t cut (as in
+DADS): source = edge, sink = cloud. Each node pays its cloud time when it lands on the
+cloud side and its edge time when it lands on the edge side; infinite reverse edges keep
+the head downward-closed; one auxiliary node per tensor makes a tensor read by several
+tail nodes pay its transfer once. Edge-only is compared separately, since it skips RTT
+and the result's return trip.
+
+The candidate list (every prefix of the topological order: every layer boundary of a
+chain, every block boundary and in-block point of a residual net) and the bandwidth
+envelope are computed with the same cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from splitinfer.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, predict, upload_ms
+from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph
+from splitinfer.profile import Profile
+
+_SOURCE = "__edge__"
+_SINK = "__cloud__"
+
+ENVELOPE_MIN_MBIT = 0.05
+ENVELOPE_MAX_MBIT = 10_000.0
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    """One cut with its predicted latency."""
+
+    head: frozenset[str]
+    id: str  # the cut's name on the wire (see Graph.cut_id)
+    index: int | None  # position in the candidate list, when the head is a prefix
+    kind: str  # split | edge-only | cloud-only
+    tensors: tuple[str, ...]
+    bytes: int
+    breakdown: Breakdown
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.breakdown.total_ms
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "id": self.id,
+            "kind": self.kind,
+            "tensors": list(self.tensors),
+            "bytes": self.bytes,
+            "predicted_ms": round(self.predicted_ms, 4),
+            "breakdown": self.breakdown.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class EnvelopeEntry:
+    """A cut that is optimal for uplinks between from_mbit and to_mbit."""
+
+    from_mbit: float
+    to_mbit: float
+    cut: CutPlan
+
+    def to_json(self) -> dict:
+        d = self.cut.to_json()
+        d.pop("predicted_ms")
+        d.pop("breakdown")
+        return {"from_mbit": round(self.from_mbit, 6), "to_mbit": round(self.to_mbit, 6), **d}
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    link: Link
+    cut: CutPlan
+    candidates: tuple[CutPlan, ...]
+    envelope: tuple[EnvelopeEntry, ...] | None = None
+    codec: CodecCost = field(default=NO_CODEC)
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.cut.predicted_ms
+
+    def to_json(self) -> dict:
+        d: dict = {
+            "model": self.model,
+            "link": self.link.to_json(),
+            "codec": self.codec.name,
+            "cut": self.cut.to_json(),
+            "predicted_ms": round(self.predicted_ms, 4),
+            "breakdown": self.cut.breakdown.to_json(),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+        if self.envelope is not None:
+            d["envelope"] = [e.to_json() for e in self.envelope]
+        return d
+
+
+class Partitioner:
+    """Plans cuts for one (edge profile, cloud profile) pair at any link."""
+
+    def __init__(self, edge: Profile, cloud: Profile, codec: CodecCost = NO_CODEC):
+        edge.check_compatible(cloud)
+        self.edge = edge
+        self.cloud = cloud
+        self.codec = codec
+        self.graph: Graph = edge.graph
+
+    # -- describing cuts ---------------------------------------------------------------
+    def describe(self, head: frozenset[str], link: Link, breakdown: Breakdown | None = None) -> CutPlan:
+        g = self.graph
+        tensors = tuple(g.crossing(head))
+        cut_id = g.cut_id(head)
+        kind = {EDGE_ONLY: "edge-only", CLOUD_ONLY: "cloud-only"}.get(cut_id, "split")
+        return CutPlan(
+            head=head,
+            id=cut_id,
+            index=g.prefix_index_of(head),
+            kind=kind,
+            tensors=tensors,
+            bytes=sum(g.node(t).nbytes for t in tensors),
+            breakdown=breakdown or predict(head, self.edge, self.cloud, link, self.codec),
+        )
+
+    def candidates(self, link: Link) -> list[CutPlan]:
+        """Every prefix of the topological order, from cloud-only to edge-only.
+
+        Sums are kept running so the whole list costs O(nodes + edges)."""
+        g = self.graph
+        total_cloud = self.cloud.total_ms
+        out: list[CutPlan] = []
+        head: set[str] = set()
+        crossing: dict[str, None] = {}  # insertion-ordered set
+        edge_ms = cloud_in_head = 0.0
+        sent = 0
+        for i, n in enumerate(g.nodes):
+            head.add(n.name)
+            edge_ms += self.edge.node_ms[n.name]
+            cloud_in_head += self.cloud.node_ms[n.name]
+            for src in n.inputs:  # an input stops crossing once all its readers are in the head
+                if src in crossing and all(c in head for c in g.consumers(src)) and src not in g.outputs:
+                    del crossing[src]
+                    sent -= g.node(src).nbytes
+            crossing[n.name] = None
+            sent += n.nbytes
+            if i < g.cloud_only_index:
+                continue
+            frozen = frozenset(head)
+            local = all(o in head for o in g.outputs)
+            bd = combine(
+                edge_ms=self.edge.total_ms if local else edge_ms,
+                cloud_ms=total_cloud - cloud_in_head,
+                sent_bytes=sent,
+                return_bytes=g.output_bytes,
+                link=link,
+                codec=self.codec,
+                local=local,
+            )
+            out.append(self.describe(frozen, link, bd))
+        return out
+
+    # -- the exact optimum -------------------------------------------------------------
+    def _flow_graph(self, link: Link) -> nx.DiGraph:
+        g = self.graph
+        fg = nx.DiGraph()
+        outputs = set(g.outputs)
+        for n in g.nodes:
+            if n.op == "placeholder":
+                fg.add_edge(_SOURCE, n.name)  # no capacity: infinite, inputs live on the edge
+            else:
+                fg.add_edge(_SOURCE, n.name, capacity=self.cloud.node_ms[n.name])
+            if n.name in outputs:
+                fg.add_edge(n.name, _SINK)  # the result is produced in the cloud for a split
+            else:
+                fg.add_edge(n.name, _SINK, capacity=self.edge.node_ms[n.name])
+            consumers = g.consumers(n.name)
+            for c in consumers:
+                fg.add_edge(c, n.name)  # c on the edge => its input on the edge
+            if consumers:
+                aux = ("tensor", n.name)
+                if n.is_tensor:
+                    fg.add_edge(n.name, aux, capacity=upload_ms(n.nbytes, link, self.codec))
+                else:
+                    fg.add_edge(n.name, aux)  # non-tensors cannot be sent
+                for c in consumers:
+                    fg.add_edge(aux, c)
+        return fg
+
+    def best_split(self, link: Link) -> frozenset[str] | None:
+        """The head of the best cut that sends something (None if none is possible)."""
+        g = self.graph
+        if set(g.outputs) & set(g.placeholders):
+            return None
+        try:
+            _, (edge_side, _) = nx.minimum_cut(
+                self._flow_graph(link), _SOURCE, _SINK, flow_func=nx.algorithms.flow.boykov_kolmogorov
+            )
+        except nx.NetworkXUnbounded:
+            return None
+        head = frozenset(v for v in edge_side if isinstance(v, str) and v != _SOURCE)
+        # Drop nodes the tail does not need and that feed nothing sent: same cost or less.
+        return g.head_from_crossing(g.crossing(head))
+
+    def best(self, link: Link) -> CutPlan:
+        edge_only = self.describe(frozenset(self.graph.names), link)
+        split_head = self.best_split(link)
+        if split_head is None:
+            return edge_only
+        split = self.describe(split_head, link)
+        return split if split.predicted_ms < edge_only.predicted_ms else edge_only
+
+    def plan(self, link: Link, *, envelope: bool = False) -> Plan:
+        return Plan(
+            model=self.edge.model,
+            link=link,
+            cut=self.best(link),
+            candidates=tuple(self.candidates(link)),
+            envelope=tuple(self.envelope(link)) if envelope else None,
+            codec=self.codec,
+        )
+
+    # -- which cut wins at which bandwidth ---------------------------------------------
+    def envelope(
+        self, link: Link, lo_mbit: float = ENVELOPE_MIN_MBIT, hi_mbit: float = ENVELOPE_MAX_MBIT
+    ) -> list[EnvelopeEntry]:
+        """The cuts optimal for some uplink in [lo_mbit, hi_mbit], with their ranges.
+
+        Every cut's latency is a + b/bandwidth, a line in x = 1/bandwidth, so the optimum
+        is the lower envelope of lines: found exactly by bisecting at the intersections of
+        the winners at both ends (a cut optimal at both ends of an interval wins inside)."""
+
+        def at(mbit: float) -> Link:
+            down = link.downlink_mbit  # a fixed downlink stays fixed; otherwise it follows
+            return Link(uplink_mbit=mbit, rtt_ms=link.rtt_ms, downlink_mbit=down)
+
+        def line(cut: CutPlan) -> tuple[float, float]:
+            # latency(x) = a + b*x with x = 1/mbit; measured at two points of the cost model
+            y1 = predict(cut.head, self.edge, self.cloud, at(1.0), self.codec).total_ms
+            y2 = predict(cut.head, self.edge, self.cloud, at(2.0), self.codec).total_ms
+            b = (y1 - y2) / 0.5
+            return y1 - b, b
+
+        def solve(x: float) -> CutPlan:
+            return self.best(at(1.0 / x))
+
+        segments: list[tuple[float, float, CutPlan]] = []  # (x_from, x_to, cut)
+
+        def refine(x_lo: float, c_lo: CutPlan, x_hi: float, c_hi: CutPlan, depth: int) -> None:
+            if c_lo.id == c_hi.id:
+                segments.append((x_lo, x_hi, c_lo))
+                return
+            (a1, b1), (a2, b2) = line(c_lo), line(c_hi)
+            if math.isclose(b1, b2) or depth > 40:
+                mid = (x_lo + x_hi) / 2
+            else:
+                mid = (a2 - a1) / (b1 - b2)
+            mid = min(max(mid, x_lo), x_hi)
+            c_mid = solve(mid)
+            y_mid = a1 + b1 * mid
+            a3, b3 = line(c_mid)
+            if c_mid.id in (c_lo.id, c_hi.id) or a3 + b3 * mid >= y_mid - 1e-9:
+                segments.append((x_lo, mid, c_lo))
+                segments.append((mid, x_hi, c_hi))
+                return
+            refine(x_lo, c_lo, mid, c_mid, depth + 1)
+            refine(mid, c_mid, x_hi, c_hi, depth + 1)
+
+        x_lo, x_hi = 1.0 / hi_mbit, 1.0 / lo_mbit
+        refine(x_lo, solve(x_lo), x_hi, solve(x_hi), 0)
+        # Merge neighbours holding the same cut; express ranges in Mbit/s, fast links first.
+        merged: list[tuple[float, float, CutPlan]] = []
+        for seg in segments:
+            if merged and merged[-1][2].id == seg[2].id:
+                merged[-1] = (merged[-1][0], seg[1], seg[2])
+            elif seg[1] > seg[0] or not merged:
+                merged.append(seg)
+        entries = [EnvelopeEntry(from_mbit=1.0 / xt, to_mbit=1.0 / xf, cut=c) for xf, xt, c in merged]
+        return sorted(entries, key=lambda e: e.from_mbit)
+
+
+def partition(
+    edge: Profile, cloud: Profile, link: Link, *, codec: CodecCost = NO_CODEC, envelope: bool = False
+) -> Plan:
+    """One call for scripts: the best cut, all candidates, and optionally the envelope."""
+    return Partitioner(edge, cloud, codec).plan(link, envelope=envelope)

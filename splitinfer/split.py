@@ -1,0 +1,109 @@
+"""Cut a traced model into a head and a tail module for a given cut.
+
+The head takes the model's inputs and returns a dict {tensor name: tensor} of everything
+that crosses the cut; the tail takes that dict and returns the model's output. Each half
+keeps only the submodules and weights it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from splitinfer.graph import Graph
+
+
+@dataclass
+class SplitModel:
+    cut_id: str
+    tensors: tuple[str, ...]  # crossing tensors, in the order the tail expects them
+    head: fx.GraphModule | None  # None for cloud-only: the inputs are sent as they are
+    tail: fx.GraphModule | None  # None for edge-only: nothing runs in the cloud
+    input_names: tuple[str, ...]
+
+    def run_head(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.head is None:
+            return dict(zip(self.input_names, inputs))
+        return self.head(*inputs)
+
+    def run_tail(self, tensors: dict[str, torch.Tensor]) -> Any:
+        if self.tail is None:
+            raise ValueError("an edge-only cut has no tail")
+        return self.tail(*(tensors[name] for name in self.tensors))
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """head then tail: must equal the full model."""
+        sent = self.run_head(*inputs)
+        if self.tail is None:
+            return sent["__output__"]
+        return self.run_tail(sent)
+
+
+def _copy_nodes(
+    src: fx.GraphModule, dst: fx.Graph, keep: set[str], env: dict[str, fx.Node]
+) -> None:
+    """Copy the nodes named in `keep` (and the get_attr nodes they read) into dst."""
+    attrs = {n.name: n for n in src.graph.nodes if n.op == "get_attr"}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n.name not in env and n.name in attrs:
+            env[n.name] = dst.node_copy(attrs[n.name])
+        return env[n.name]
+
+    for n in src.graph.nodes:
+        if n.name in keep and n.name not in env:
+            env[n.name] = dst.node_copy(n, lookup)
+
+
+def split_model(gm: fx.GraphModule, graph: Graph, head: frozenset[str]) -> SplitModel:
+    """Build head and tail modules for the downward-closed `head`."""
+    if not graph.is_downward_closed(head):
+        raise ValueError("the head of a cut must be downward-closed")
+    crossing = tuple(graph.crossing(head))
+    cut_id = graph.cut_id(head)
+    placeholders = graph.placeholders
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+
+    if not crossing:  # edge-only: the head is the whole model
+        hg = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        _copy_nodes(gm, hg, set(graph.names), env)
+        hg.output({"__output__": fx.node.map_arg(output_node.args[0], lambda n: env[n.name])})
+        head_gm = fx.GraphModule(gm, hg, class_name="Head")
+        return SplitModel(cut_id, (), head_gm, None, placeholders)
+
+    # Head: the crossing tensors' ancestors, returning them by name.
+    head_gm: fx.GraphModule | None = None
+    if set(head) != set(placeholders):
+        hg = fx.Graph()
+        env = {}
+        needed = graph.head_from_crossing(crossing)
+        _copy_nodes(gm, hg, set(needed), env)
+        hg.output({name: env[name] for name in crossing})
+        head_gm = fx.GraphModule(gm, hg, class_name="Head")
+
+    # Tail: one placeholder per crossing tensor, then every node not in the head.
+    tg = fx.Graph()
+    env = {name: tg.placeholder(name) for name in crossing}
+    for name in crossing:
+        env[name].meta = dict(next(n for n in gm.graph.nodes if n.name == name).meta)
+    _copy_nodes(gm, tg, {n for n in graph.names if n not in head}, env)
+    tg.output(fx.node.map_arg(output_node.args[0], lambda n: env[n.name]))
+    tail_gm = fx.GraphModule(gm, tg, class_name="Tail")
+    return SplitModel(cut_id, crossing, head_gm, tail_gm, placeholders)
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two outputs (tensors or nested tuples/lists/dicts)."""
+    if isinstance(a, torch.Tensor):
+        if a.numel() == 0:
+            return 0.0
+        return float((a.float() - b.float()).abs().max())
+    if isinstance(a, dict):
+        return max((max_abs_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0 if a == b else float("inf")

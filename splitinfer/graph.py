@@ -217,6 +217,11 @@ class Graph:
         )
 
 
+def cut_kind(cut_id: str) -> str:
+    """'edge-only', 'cloud-only' or 'split', for plans and reports."""
+    return {EDGE_ONLY: "edge-only", CLOUD_ONLY: "cloud-only"}.get(cut_id, "split")
+
+
 def _target_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, str):

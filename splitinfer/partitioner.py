@@ -20,14 +20,22 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from splitinfer.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, predict, upload_ms
-from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph
+from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph, cut_kind
 from splitinfer.profile import Profile
 
 _SOURCE = "__edge__"
 _SINK = "__cloud__"
 
+# networkx reads a min cut off saturated edges (flow == capacity), which floats break;
+# capacities are therefore integers, in units of 1e-9 ms.
+_UNITS_PER_MS = 1e9
+
 ENVELOPE_MIN_MBIT = 0.05
 ENVELOPE_MAX_MBIT = 10_000.0
+
+
+def _units(ms: float) -> int:
+    return round(ms * _UNITS_PER_MS)
 
 
 @dataclass(frozen=True)
@@ -110,18 +118,33 @@ class Partitioner:
         self.cloud = cloud
         self.codec = codec
         self.graph: Graph = edge.graph
+        self.chains = self._chains()
 
     # -- describing cuts ---------------------------------------------------------------
-    def describe(self, head: frozenset[str], link: Link, breakdown: Breakdown | None = None) -> CutPlan:
+    def describe(
+        self,
+        head: frozenset[str],
+        link: Link,
+        breakdown: Breakdown | None = None,
+        *,
+        crossing: tuple[str, ...] | None = None,
+        index: int | None = None,
+    ) -> CutPlan:
+        """A CutPlan for `head`; callers that already know its crossing tensors or prefix
+        index pass them, which keeps the candidate list linear in the graph's size."""
         g = self.graph
-        tensors = tuple(g.crossing(head))
-        cut_id = g.cut_id(head)
-        kind = {EDGE_ONLY: "edge-only", CLOUD_ONLY: "cloud-only"}.get(cut_id, "split")
+        tensors = tuple(g.crossing(head)) if crossing is None else crossing
+        if not tensors:
+            cut_id = EDGE_ONLY
+        elif set(tensors) == set(g.placeholders) and len(head) == len(g.placeholders):
+            cut_id = CLOUD_ONLY
+        else:
+            cut_id = ",".join(tensors)
         return CutPlan(
             head=head,
             id=cut_id,
-            index=g.prefix_index_of(head),
-            kind=kind,
+            index=g.prefix_index_of(head) if index is None else index,
+            kind=cut_kind(cut_id),
             tensors=tensors,
             bytes=sum(g.node(t).nbytes for t in tensors),
             breakdown=breakdown or predict(head, self.edge, self.cloud, link, self.codec),
@@ -161,48 +184,101 @@ class Partitioner:
                 codec=self.codec,
                 local=local,
             )
-            out.append(self.describe(frozen, link, bd))
+            out.append(self.describe(frozen, link, bd, crossing=() if local else tuple(crossing), index=i))
         return out
 
     # -- the exact optimum -------------------------------------------------------------
-    def _flow_graph(self, link: Link) -> nx.DiGraph:
+    def _chains(self) -> list[list[str]]:
+        """Maximal runs v1 -> v2 -> ... where each link is the only input and only consumer.
+
+        Inputs and outputs stay on their own. A chain is cut at one position at most,
+        which lets it enter the flow graph as two nodes however long it is."""
         g = self.graph
-        fg = nx.DiGraph()
-        outputs = set(g.outputs)
+        fixed = set(g.outputs) | set(g.placeholders)
+        units: list[list[str]] = []
         for n in g.nodes:
-            if n.op == "placeholder":
-                fg.add_edge(_SOURCE, n.name)  # no capacity: infinite, inputs live on the edge
+            inputs = set(n.inputs)
+            if units and n.name not in fixed and len(inputs) == 1:
+                prev = units[-1][-1]
+                if prev in inputs and prev not in fixed and len(g.consumers(prev)) == 1:
+                    units[-1].append(n.name)
+                    continue
+            units.append([n.name])
+        return units
+
+    def _flow_graph(self, link: Link) -> tuple[nx.DiGraph, dict[tuple[str, str], list[str]]]:
+        """The s-t graph whose minimum cut is the best split (see the module docstring).
+
+        A chain v1..vk becomes an entry node (v1) and an exit node (vk): entry on the cloud
+        side costs the chain's cloud time, exit on the edge side its edge time, and entry
+        on the edge with exit in the cloud costs the best inner split, through entry->exit."""
+        g = self.graph
+        edge_ms, cloud_ms = self.edge.node_ms, self.cloud.node_ms
+        fg = nx.DiGraph()
+        inner_cut: dict[tuple[str, str], list[str]] = {}  # (entry, exit) -> best inner head
+        for unit in self.chains:
+            entry, exit_ = unit[0], unit[-1]
+            if entry in g.placeholders:
+                fg.add_edge(_SOURCE, entry)  # no capacity: infinite, inputs live on the edge
             else:
-                fg.add_edge(_SOURCE, n.name, capacity=self.cloud.node_ms[n.name])
-            if n.name in outputs:
-                fg.add_edge(n.name, _SINK)  # the result is produced in the cloud for a split
+                fg.add_edge(_SOURCE, entry, capacity=_units(sum(cloud_ms[v] for v in unit)))
+            if exit_ in g.outputs:
+                fg.add_edge(exit_, _SINK)  # the result is produced in the cloud for a split
             else:
-                fg.add_edge(n.name, _SINK, capacity=self.edge.node_ms[n.name])
-            consumers = g.consumers(n.name)
-            for c in consumers:
-                fg.add_edge(c, n.name)  # c on the edge => its input on the edge
-            if consumers:
-                aux = ("tensor", n.name)
-                if n.is_tensor:
-                    fg.add_edge(n.name, aux, capacity=upload_ms(n.nbytes, link, self.codec))
+                fg.add_edge(exit_, _SINK, capacity=_units(sum(edge_ms[v] for v in unit)))
+            if len(unit) > 1:
+                fg.add_edge(exit_, entry)  # exit on the edge => entry on the edge
+                best, best_j = math.inf, 0
+                for j in range(1, len(unit)):  # v1..vj on the edge, the rest in the cloud
+                    sent = g.node(unit[j - 1])
+                    if not sent.is_tensor:
+                        continue
+                    cost = (
+                        sum(edge_ms[v] for v in unit[:j])
+                        + sum(cloud_ms[v] for v in unit[j:])
+                        + upload_ms(sent.nbytes, link, self.codec)
+                    )
+                    if cost < best:
+                        best, best_j = cost, j
+                inner_cut[(entry, exit_)] = unit[:best_j]
+                if math.isfinite(best):
+                    fg.add_edge(entry, exit_, capacity=_units(best))
                 else:
-                    fg.add_edge(n.name, aux)  # non-tensors cannot be sent
+                    fg.add_edge(entry, exit_)
+            consumers = g.consumers(exit_)
+            for c in consumers:
+                fg.add_edge(c, exit_)  # c on the edge => its input on the edge
+            if not consumers:
+                continue
+            n = g.node(exit_)
+            send = {"capacity": _units(upload_ms(n.nbytes, link, self.codec))} if n.is_tensor else {}
+            if len(consumers) == 1:
+                fg.add_edge(exit_, consumers[0], **send)  # no capacity: non-tensors cannot be sent
+            else:
+                # one auxiliary node, so a tensor read by several tail nodes is sent once
+                aux = ("tensor", exit_)
+                fg.add_edge(exit_, aux, **send)
                 for c in consumers:
                     fg.add_edge(aux, c)
-        return fg
+        return fg, inner_cut
 
     def best_split(self, link: Link) -> frozenset[str] | None:
         """The head of the best cut that sends something (None if none is possible)."""
         g = self.graph
         if set(g.outputs) & set(g.placeholders):
             return None
+        fg, inner_cut = self._flow_graph(link)
         try:
-            _, (edge_side, _) = nx.minimum_cut(
-                self._flow_graph(link), _SOURCE, _SINK, flow_func=nx.algorithms.flow.boykov_kolmogorov
-            )
+            _, (edge_side, _) = nx.minimum_cut(fg, _SOURCE, _SINK, flow_func=nx.algorithms.flow.preflow_push)
         except nx.NetworkXUnbounded:
             return None
-        head = frozenset(v for v in edge_side if isinstance(v, str) and v != _SOURCE)
+        head: set[str] = set()
+        for unit in self.chains:
+            entry, exit_ = unit[0], unit[-1]
+            if exit_ in edge_side:
+                head.update(unit)
+            elif entry in edge_side:
+                head.update(inner_cut[(entry, exit_)])
         # Drop nodes the tail does not need and that feed nothing sent: same cost or less.
         return g.head_from_crossing(g.crossing(head))
 

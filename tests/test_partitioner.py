@@ -16,9 +16,12 @@ from splitinfer.profile import Profile
 def random_profiles(rng: random.Random, n: int) -> tuple[Profile, Profile]:
     """A random DAG of n nodes (one input, one output) with random costs and sizes."""
     nodes = [GraphNode("x", "placeholder", "x", (), (1, 8), "float32", rng.choice([400, 4000, 40000]))]
+    chainy = rng.random() < 0.5  # half the graphs are mostly long chains
     for i in range(1, n):
         k = rng.choice([1, 1, 2, 2, 3])
         inputs = tuple(sorted(set(rng.choice(nodes[: i]).name for _ in range(k))))
+        if chainy and rng.random() < 0.7:
+            inputs = (nodes[i - 1].name,)
         nodes.append(GraphNode(f"n{i}", "call_function", "f", inputs, (1, 8), "float32", rng.randint(1, 60000)))
     consumed = {s for nd in nodes for s in nd.inputs}
     sinks = tuple(nd.name for nd in nodes if nd.name not in consumed)
@@ -43,7 +46,7 @@ def all_heads(graph: Graph):
                 yield frozenset(head)
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(100))
 def test_min_cut_matches_brute_force(seed: int) -> None:
     rng = random.Random(seed)
     edge, cloud = random_profiles(rng, rng.randint(3, 11))
@@ -52,7 +55,7 @@ def test_min_cut_matches_brute_force(seed: int) -> None:
     best_brute = min(predict(h, edge, cloud, link, codec).total_ms for h in all_heads(edge.graph))
     part = Partitioner(edge, cloud, codec)
     chosen = part.best(link)
-    assert chosen.predicted_ms == pytest.approx(best_brute, rel=1e-9, abs=1e-9)
+    assert chosen.predicted_ms == pytest.approx(best_brute, rel=0, abs=1e-6)  # exact to a nanosecond
     # the reported figure is the cost model's own, and the head is a valid cut
     assert edge.graph.is_downward_closed(chosen.head)
     assert chosen.predicted_ms == pytest.approx(predict(chosen.head, edge, cloud, link, codec).total_ms)

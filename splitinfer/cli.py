@@ -1,0 +1,275 @@
+"""The `splitinfer` command line. Each command is a thin layer over the library.
+
+User mistakes (UserError) end in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splitinfer.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Split inference: cut a PyTorch model between an edge device and a cloud worker.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function")
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object on stdout, nothing else."""
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
+# --------------------------------------------------------------------------- models
+@app.command("models")
+def models_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List the built-in models with their parameters and FLOPs."""
+    from splitinfer.models import builtin_models, count_flops, count_parameters, load_model
+
+    rows = []
+    for info in builtin_models():
+        lm = load_model(info.name)
+        rows.append(
+            {
+                "name": info.name,
+                "input_shape": list(info.input_shape),
+                "classes": info.num_classes,
+                "params": count_parameters(lm.module),
+                "flops": count_flops(lm.module, lm.example_input),
+                "description": info.description,
+            }
+        )
+    if json_out:
+        emit_json({"models": rows})
+        return
+    table = Table(title="built-in models")
+    for col in ("name", "input", "params", "GFLOPs", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["input_shape"])),
+            f"{r['params'] / 1e6:.2f} M",
+            f"{r['flops'] / 1e9:.3f}",
+            r["description"],
+        )
+    console.print(table)
+
+
+# -------------------------------------------------------------------------- profile
+@app.command("profile")
+def profile_cmd(
+    model: str = ModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="where to write the profile JSON"),
+    threads: int = typer.Option(1, "--threads", help="torch intra-op threads (the device's cores)"),
+    batch: int = typer.Option(1, "--batch", help="batch size to profile at"),
+    repeats: int = typer.Option(10, "--repeats", help="timed forward passes (median is kept)"),
+    warmup: int = typer.Option(2, "--warmup", help="untimed passes first"),
+    slowdown: float = typer.Option(1.0, "--slowdown", help="write a profile of a device K times slower"),
+) -> None:
+    """Measure every node's latency and output bytes on this device."""
+    from rich.progress import Progress
+
+    from splitinfer.models import load_model, weights_hash
+    from splitinfer.profiler import profile_model
+
+    for name, value in (("--threads", threads), ("--batch", batch), ("--repeats", repeats), ("--slowdown", slowdown)):
+        _positive(name, value)
+    lm = load_model(model)
+    started = time.perf_counter()
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task(f"profiling {lm.name}", total=warmup + repeats)
+        prof = profile_model(
+            lm.name,
+            lm.module,
+            lm.example_batch(batch),
+            threads=threads,
+            repeats=repeats,
+            warmup=warmup,
+            weights_hash=weights_hash(lm.module),
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    if slowdown != 1.0:
+        prof = prof.scaled(slowdown)
+    prof.save(out)
+    err_console.print(
+        f"{lm.name}: {len(prof.graph)} nodes, {prof.total_ms:.1f} ms per pass "
+        f"({threads} thread(s), batch {batch}) measured in {time.perf_counter() - started:.1f} s -> {out}"
+    )
+
+
+@app.command("scale")
+def scale_cmd(
+    profile: Path = typer.Argument(..., help="a profile JSON"),
+    factor: float = typer.Option(..., "--slowdown", help="K: the new device is K times slower"),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """Write a copy of a profile for a device K times slower (or faster, K < 1)."""
+    from splitinfer.profile import Profile
+
+    Profile.load(profile).scaled(factor).save(out)
+
+
+# ------------------------------------------------------------------------ partition
+def _load_checked_profiles(model: str, edge_profile: Path, cloud_profile: Path) -> tuple[Any, Any]:
+    from splitinfer.graph import capture
+    from splitinfer.models import load_model
+    from splitinfer.profile import Profile
+
+    edge = Profile.load(edge_profile)
+    cloud = Profile.load(cloud_profile)
+    lm = load_model(model)
+    _, graph = capture(lm.module, lm.example_batch(edge.batch))
+    for path, prof in ((edge_profile, edge), (cloud_profile, cloud)):
+        if prof.graph.fingerprint() != graph.fingerprint():
+            raise UserError(
+                f"{path} is a profile of {prof.model} {list(prof.input_shape)}, "
+                f"not of {lm.name} {list(lm.input_shape)}"
+            )
+    edge.check_compatible(cloud)
+    return edge, cloud
+
+
+@app.command("partition")
+def partition_cmd(
+    model: str = ModelOpt,
+    edge_profile: Path = typer.Option(..., "--edge-profile", help="profile JSON measured on the edge"),
+    cloud_profile: Path = typer.Option(..., "--cloud-profile", help="profile JSON measured in the cloud"),
+    bandwidth: float = typer.Option(..., "--bandwidth", help="uplink, Mbit/s"),
+    rtt: float = typer.Option(20.0, "--rtt", help="round-trip time, ms"),
+    downlink: Optional[float] = typer.Option(None, "--downlink", help="downlink, Mbit/s (default: the uplink)"),
+    envelope: bool = typer.Option(False, "--envelope", help="also list the cuts optimal for 0.05..10000 Mbit/s"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Choose the cut with the lowest predicted latency for a link."""
+    from splitinfer.costmodel import Link
+    from splitinfer.partitioner import Partitioner
+
+    link = Link(uplink_mbit=bandwidth, rtt_ms=rtt, downlink_mbit=downlink)
+    edge, cloud = _load_checked_profiles(model, edge_profile, cloud_profile)
+    started = time.perf_counter()
+    plan = Partitioner(edge, cloud).plan(link, envelope=envelope)
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    if json_out:
+        d = plan.to_json()
+        d["partition_ms"] = round(elapsed_ms, 3)
+        emit_json(d)
+        return
+    c = plan.cut
+    console.print(
+        f"[bold]{plan.model}[/]: best cut [bold]{c.id}[/] ({c.kind}), "
+        f"predicted {plan.predicted_ms:.2f} ms at {bandwidth:g} Mbit/s, {rtt:g} ms RTT"
+    )
+    console.print(f"  sends {c.bytes:,} bytes in {len(c.tensors)} tensor(s): {', '.join(c.tensors) or '-'}")
+    console.print("  " + ", ".join(f"{k} {v:.2f}" for k, v in c.breakdown.to_json().items()))
+    table = Table(title="best candidates along the model")
+    for col in ("index", "kind", "tensors", "bytes", "predicted ms"):
+        table.add_column(col, justify="right" if col in ("index", "bytes", "predicted ms") else "left")
+    for cand in sorted(plan.candidates, key=lambda x: x.predicted_ms)[:10]:
+        table.add_row(str(cand.index), cand.kind, ", ".join(cand.tensors)[:60], f"{cand.bytes:,}", f"{cand.predicted_ms:.2f}")
+    console.print(table)
+    if plan.envelope:
+        env = Table(title="envelope: the winning cut per uplink range")
+        for col in ("from Mbit/s", "to Mbit/s", "cut", "kind", "bytes"):
+            env.add_column(col)
+        for e in plan.envelope:
+            env.add_row(f"{e.from_mbit:.3g}", f"{e.to_mbit:.3g}", e.cut.id[:60], e.cut.kind, f"{e.cut.bytes:,}")
+        console.print(env)
+
+
+# -------------------------------------------------------------------------- inspect
+@app.command("inspect")
+def inspect_cmd(
+    model: str = ModelOpt,
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check head+tail against the full model"),
+) -> None:
+    """Show every candidate cut with its crossing tensors and check each split."""
+    from splitinfer.verify import inspect_model
+    from splitinfer.models import load_model
+
+    lm = load_model(model)
+    report = inspect_model(lm.name, lm.module, lm.example_input, verify=verify)
+    if json_out:
+        emit_json(report)
+        return
+    table = Table(title=f"{lm.name}: {len(report['candidates'])} candidate cuts")
+    for col in ("index", "kind", "tensors", "bytes", "max abs diff"):
+        table.add_column(col)
+    for c in report["candidates"]:
+        diff = c["max_abs_diff"]
+        table.add_row(
+            str(c["index"]), c["kind"], ", ".join(c["tensors"])[:60], f"{c['bytes']:,}",
+            "-" if diff is None else f"{diff:.2e}",
+        )
+    console.print(table)
+    if verify:
+        worst = max((c["max_abs_diff"] for c in report["candidates"]), default=0.0)
+        ok = worst <= report["tolerance"]
+        console.print(f"{'[green]all splits match[/]' if ok else '[red]MISMATCH[/]'}: worst max abs diff {worst:.2e}")
+        if not ok:
+            raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- bench
+@bench_app.command("codec")
+def bench_codec_cmd(
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    sizes: str = typer.Option("1,10,100", "--sizes", help="tensor sizes in MB"),
+) -> None:
+    """Encode+decode throughput of this codec vs pickle protocol 5 and torch.save."""
+    from splitinfer.bench_codec import run_codec_bench
+
+    try:
+        size_list = tuple(int(s) for s in sizes.split(","))
+    except ValueError:
+        raise UserError(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    result = run_codec_bench(sizes_mb=size_list)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title="codec throughput (GB/s)")
+    for col in ("codec", "MB", "encode", "decode"):
+        table.add_column(col)
+    for r in result["results"]:
+        table.add_row(r["codec"], str(r["mb"]), f"{r['encode_gbps']:.2f}", f"{r['decode_gbps']:.2f}")
+    console.print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

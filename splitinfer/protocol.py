@@ -1,0 +1,324 @@
+"""Versioned wire messages between edge and cloud: request, result, error.
+
+Every message is one msgpack map with ``"v"`` (the protocol version) and ``"type"``;
+tensors travel as codec entries (see :mod:`splitinfer.codec`). Decoding untrusted bytes
+raises only :class:`ProtocolError`, whose ``code`` maps to an HTTP status in
+:data:`HTTP_STATUS` and whose ``request_id`` is set whenever the id could be read, so a
+server can always answer with an :class:`ErrorMessage` for the right request.
+Unknown extra keys are ignored, so a peer may add optional fields without a version bump.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+
+from splitinfer.codec import (
+    DEFAULT_LIMITS,
+    CodecError,
+    CodecLimits,
+    Compression,
+    decode_tensors,
+    encode_tensors,
+    pack,
+    parse_compression,
+    unpack,
+)
+
+__all__ = [
+    "HTTP_STATUS",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "ErrorCode",
+    "ErrorMessage",
+    "InferRequest",
+    "InferResult",
+    "Message",
+    "ProtocolError",
+    "decode_message",
+    "encode_message",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+_MAX_ID_LEN = 256  # ids, model ids, hashes and cut ids are short strings
+_MAX_TEXT_LEN = 4096  # error messages
+
+
+class ErrorCode(str, Enum):
+    """Why a request failed. The value is what goes on the wire."""
+
+    BAD_MESSAGE = "bad_message"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_MISMATCH = "model_mismatch"
+    UNKNOWN_CUT = "unknown_cut"
+    BAD_TENSOR = "bad_tensor"
+    OVERLOADED = "overloaded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAUTHORIZED = "unauthorized"
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self]
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_MESSAGE: 400,
+    ErrorCode.TOO_LARGE: 413,
+    # 400, not 426: 426 Upgrade Required is about switching HTTP protocols and needs an
+    # Upgrade header; the message text says which versions this peer speaks.
+    ErrorCode.UNSUPPORTED_VERSION: 400,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.MODEL_MISMATCH: 409,  # the model id is known but its weights hash differs
+    ErrorCode.UNKNOWN_CUT: 404,
+    ErrorCode.BAD_TENSOR: 422,  # well-formed message, tensors unusable (shape, dtype, payload)
+    ErrorCode.OVERLOADED: 503,  # retry later or elsewhere
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded or was rejected; carries the code and the request id if known."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def to_message(self) -> ErrorMessage:
+        """The error reply for this failure."""
+        return ErrorMessage(id=self.request_id, code=self.code, message=self.message)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing dicts of tensors has no single truth value
+class InferRequest:
+    """Edge → cloud: run the tail after cut ``cut_id`` of model ``model_id`` on ``tensors``."""
+
+    TYPE: ClassVar[str] = "infer_request"
+
+    id: str
+    model_id: str
+    model_hash: str  # hash of the model's weights, so both sides are sure they run the same model
+    cut_id: str
+    tensors: dict[str, torch.Tensor]
+    deadline_ms: float | None = None  # budget relative to receipt; None means no deadline
+    compression: str = "none"  # how `tensors` are encoded; the worker may answer in kind
+
+    def __post_init__(self) -> None:
+        parse_compression(self.compression)  # fail early, on the sending side, for a typo
+
+    def to_dict(self, compression: str | Compression | None = None) -> dict[str, object]:
+        comp = self.compression if compression is None else compression
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": self.TYPE,
+            "id": self.id,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "cut_id": self.cut_id,
+            "deadline_ms": self.deadline_ms,
+            "compression": str(parse_compression(comp)),
+            "tensors": encode_tensors(self.tensors, comp),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> InferRequest:
+        _check_header(d, cls.TYPE)
+        compression = _text(d, "compression")
+        try:
+            parse_compression(compression)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        deadline = d.get("deadline_ms")
+        if deadline is not None:
+            deadline = _number(d, "deadline_ms")
+        return cls(
+            id=_text(d, "id"),
+            model_id=_text(d, "model_id"),
+            model_hash=_text(d, "model_hash"),
+            cut_id=_text(d, "cut_id"),
+            deadline_ms=deadline,
+            compression=compression,
+            tensors=_tensors(d, "tensors", limits),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class InferResult:
+    """Cloud → edge: the tail's outputs and where the time went on the worker."""
+
+    TYPE: ClassVar[str] = "infer_result"
+
+    id: str
+    outputs: dict[str, torch.Tensor]
+    queue_ms: float = 0.0  # waiting in the batcher
+    compute_ms: float = 0.0  # running the tail (for the whole batch)
+    batch_size: int = 1  # requests in the batch this one ran in
+
+    def to_dict(self, compression: str | Compression | None = None) -> dict[str, object]:
+        comp = "none" if compression is None else compression
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": self.TYPE,
+            "id": self.id,
+            "queue_ms": self.queue_ms,
+            "compute_ms": self.compute_ms,
+            "batch_size": self.batch_size,
+            "outputs": encode_tensors(self.outputs, comp),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> InferResult:
+        _check_header(d, cls.TYPE)
+        batch_size = d.get("batch_size")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'batch_size' must be a positive integer")
+        return cls(
+            id=_text(d, "id"),
+            queue_ms=_number(d, "queue_ms"),
+            compute_ms=_number(d, "compute_ms"),
+            batch_size=batch_size,
+            outputs=_tensors(d, "outputs", limits),
+        )
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """Either direction: a request failed. ``id`` is None when the request id was unreadable."""
+
+    TYPE: ClassVar[str] = "error"
+
+    id: str | None
+    code: ErrorCode
+    message: str  # one line for a human
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", ErrorCode(self.code))  # accept the plain string too
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+    def to_dict(self, compression: str | Compression | None = None) -> dict[str, object]:
+        return {"v": PROTOCOL_VERSION, "type": self.TYPE, "id": self.id, "code": self.code.value,
+                "message": self.message}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> ErrorMessage:
+        _check_header(d, cls.TYPE)
+        request_id = d.get("id")
+        if request_id is not None:
+            request_id = _text(d, "id")
+        code = _text(d, "code")
+        try:
+            error_code = ErrorCode(code)
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown error code {code[:64]!r}") from None
+        return cls(id=request_id, code=error_code, message=_text(d, "message", _MAX_TEXT_LEN))
+
+
+Message = InferRequest | InferResult | ErrorMessage
+_TYPES: dict[str, type[InferRequest] | type[InferResult] | type[ErrorMessage]] = {
+    InferRequest.TYPE: InferRequest,
+    InferResult.TYPE: InferResult,
+    ErrorMessage.TYPE: ErrorMessage,
+}
+
+
+def encode_message(msg: Message, compression: str | Compression | None = None) -> bytes:
+    """Serialize a message. ``compression`` overrides a request's own setting (results default to none)."""
+    return pack(msg.to_dict(compression))
+
+
+def decode_message(data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate untrusted bytes; raises only :class:`ProtocolError`.
+
+    Uncompressed tensors are views of ``data`` (see :func:`splitinfer.codec.decode_tensors`).
+    """
+    try:
+        d = unpack(data, limits)
+    except CodecError as exc:
+        raise ProtocolError(ErrorCode(exc.code), exc.message) from None
+    if not isinstance(d, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message must be a map, got {type(d).__name__}")
+    request_id = d.get("id")
+    request_id = request_id if isinstance(request_id, str) and len(request_id) <= _MAX_ID_LEN else None
+    try:
+        _check_version(d)
+        kind = d.get("type")
+        if not isinstance(kind, str) or kind not in _TYPES:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(_TYPES)}"
+            )
+        return _TYPES[kind].from_dict(d, limits)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+    except CodecError as exc:
+        raise ProtocolError(ErrorCode(exc.code), exc.message, request_id) from None
+
+
+# --------------------------------------------------------------------------- field validation
+
+
+def _check_version(d: dict[object, object]) -> None:
+    version = d.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no integer protocol version 'v'")
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_VERSIONS))
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this peer speaks version {supported}",
+        )
+
+
+def _check_header(d: dict[object, object], kind: str) -> None:
+    if not isinstance(d, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a map")
+    _check_version(d)
+    if d.get("type") != kind:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message type is not {kind!r}")
+
+
+def _text(d: dict[object, object], key: str, max_len: int = _MAX_ID_LEN) -> str:
+    value = d.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} must be a string")
+    if len(value) > max_len:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} is longer than {max_len} characters")
+    return value
+
+
+def _number(d: dict[object, object], key: str) -> float:
+    """A finite, non-negative number (milliseconds)."""
+    value = d.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} must be finite and non-negative")
+    return number
+
+
+def _tensors(d: dict[object, object], key: str, limits: CodecLimits) -> dict[str, torch.Tensor]:
+    if key not in d:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message has no {key!r}")
+    try:
+        return decode_tensors(d[key], limits)
+    except CodecError as exc:
+        raise ProtocolError(ErrorCode(exc.code), exc.message) from None
+

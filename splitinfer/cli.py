@@ -260,6 +260,21 @@ def bench_codec_cmd(
     console.print(table)
 
 
+def _register_service_commands() -> None:
+    """Commands whose code lives with their service (cloud/, edge/)."""
+    from splitinfer.cloud.cli import cloud_cmd
+
+    app.command("cloud")(cloud_cmd)
+    try:
+        from splitinfer.edge.cli import edge_cmd
+    except ImportError:  # the edge agent is optional while it is being built
+        return
+    app.command("edge")(edge_cmd)
+
+
+_register_service_commands()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -644,7 +645,11 @@ def _from_payload(
     dims = cast(list[int], shape)
     if numel == 0:
         return torch.empty(dims, dtype=dtype)  # frombuffer rejects empty buffers
-    tensor = torch.frombuffer(payload, dtype=dtype, count=numel)
+    with warnings.catch_warnings():
+        # Decoded tensors are views of the received message on purpose (zero-copy); the
+        # message buffer belongs to this request alone, so torch's read-only warning is noise.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        tensor = torch.frombuffer(payload, dtype=dtype, count=numel)
     if dtype == torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
         raise CodecError("bad_tensor", f"{where}: bool payload holds values other than 0 and 1")
     if tensor.data_ptr() % dtype.itemsize:

@@ -1,0 +1,54 @@
+"""`splitinfer cloud`: serve the tails of one or more models."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Optional
+
+import typer
+
+from splitinfer.errors import UserError
+
+
+def cloud_cmd(
+    model: list[str] = typer.Option(..., "--model", "-m", help="model to serve (repeatable)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8470, "--port", help="port (0: any free port)"),
+    max_batch: int = typer.Option(8, "--max-batch", help="samples per batch (1: no batching)"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a batch waits to fill"),
+    max_queue: int = typer.Option(256, "--max-queue", help="samples queued before answering 'overloaded'"),
+    token: Optional[str] = typer.Option(None, "--token", help="require 'Authorization: Bearer TOKEN'"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the tails"),
+    no_advertise: bool = typer.Option(False, "--no-advertise", help="do not announce on mDNS"),
+    interface: Optional[str] = typer.Option(None, "--interface", help="address to advertise on"),
+) -> None:
+    """Serve the tail of any cut of the given models (HTTP, WebSocket, metrics)."""
+    from splitinfer.cloud.service import WorkerConfig
+    from splitinfer.cloud.worker import serve
+
+    if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or (threads is not None and threads < 1):
+        raise UserError("--max-batch, --max-queue and --threads must be >= 1, --max-wait-ms >= 0")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0..65535, got {port}")
+    config = WorkerConfig(
+        models=tuple(model),
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        token=token,
+        threads=threads,
+        advertise=not no_advertise,
+        interface=interface,
+    )
+
+    def ready(url: str) -> None:
+        sys.stdout.write(f"splitinfer cloud serving on {url} (models: {', '.join(model)})\n")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(serve(config, on_ready=ready))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -1,0 +1,32 @@
+"""Prometheus metrics of one cloud worker (a registry per worker, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class WorkerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "splitinfer_requests", "Inference requests answered, by status", ["status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "splitinfer_request_seconds",
+            "Time from a request's arrival to its answer",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("splitinfer_queue_depth", "Samples waiting or running", registry=self.registry)
+        self.batch_size = Histogram(
+            "splitinfer_batch_size",
+            "Samples per executed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,156 @@
+"""The models a cloud worker holds, and the tail of any of their cuts, built on first use."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from splitinfer.graph import Graph, capture
+from splitinfer.models import LoadedModel, load_model, weights_hash
+from splitinfer.split import SplitModel, split_model
+
+log = logging.getLogger(__name__)
+
+
+class LookupFailed(Exception):
+    """A request names a model or cut this worker cannot serve; `code` is the wire error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]  # without the batch dimension
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class Tail:
+    """A ready-to-run tail with what it expects as input."""
+
+    model_id: str
+    cut_id: str
+    split: SplitModel
+    inputs: tuple[TensorSpec, ...]
+
+
+@dataclass
+class HostedModel:
+    model_id: str
+    loaded: LoadedModel
+    gm: fx.GraphModule
+    graph: Graph
+    hash: str
+
+    def spec_of(self, name: str) -> TensorSpec:
+        node = self.graph.node(name)
+        assert node.shape is not None and node.dtype is not None
+        return TensorSpec(name, node.dtype, tuple(node.shape[1:]))
+
+    def describe(self) -> dict:
+        g = self.graph
+        return {
+            "id": self.model_id,
+            "hash": self.hash,
+            "nodes": len(g),
+            "inputs": [self.spec_of(p).to_json() for p in g.placeholders],
+            "outputs": [self.spec_of(o).to_json() for o in g.outputs],
+            # Any cut can be served; these are the prefix cuts by index (see `splitinfer inspect`).
+            "cuts": [
+                {"index": i, "id": g.cut_id(g.prefix_head(i))}
+                for i in range(g.cloud_only_index, g.edge_only_index)
+            ],
+        }
+
+
+class ModelRegistry:
+    """Loads models once; builds and caches tails per (model, cut), least recently used out."""
+
+    def __init__(self, model_specs: list[str], max_tails: int = 64):
+        self.models: dict[str, HostedModel] = {}
+        for spec in model_specs:
+            lm = load_model(spec)
+            gm, graph = capture(lm.module, lm.example_input)
+            self.models[lm.name] = HostedModel(lm.name, lm, gm, graph, weights_hash(lm.module))
+        self._tails: OrderedDict[tuple[str, str], Tail] = OrderedDict()
+        self._max_tails = max_tails
+        self._lock = threading.Lock()  # tails are built in worker threads
+
+    def model(self, model_id: str, model_hash: str) -> HostedModel:
+        hosted = self.models.get(model_id)
+        if hosted is None:
+            raise LookupFailed("unknown_model", f"unknown model {model_id!r}; this worker serves {sorted(self.models)}")
+        if model_hash and model_hash != hosted.hash:
+            raise LookupFailed(
+                "model_mismatch",
+                f"weights of {model_id!r} differ: edge has {model_hash[:12]}, cloud has {hosted.hash[:12]}",
+            )
+        return hosted
+
+    def tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail:
+        hosted = self.model(model_id, model_hash)
+        key = (model_id, cut_id)
+        with self._lock:
+            if key in self._tails:
+                self._tails.move_to_end(key)
+                return self._tails[key]
+        tail = self._build(hosted, cut_id)
+        with self._lock:
+            self._tails[key] = tail
+            while len(self._tails) > self._max_tails:
+                self._tails.popitem(last=False)
+        return tail
+
+    def _build(self, hosted: HostedModel, cut_id: str) -> Tail:
+        g = hosted.graph
+        try:
+            head = g.head_from_cut_id(cut_id)
+        except Exception as exc:  # UserError for unknown tensors or a bad index
+            raise LookupFailed("unknown_cut", f"unknown cut {cut_id!r} of {hosted.model_id}: {exc}") from None
+        if not g.crossing(head):
+            raise LookupFailed("unknown_cut", f"cut {cut_id!r} is edge-only: there is no tail to run")
+        split = split_model(hosted.gm, g, head)
+        if split.cut_id != cut_id and not cut_id.isdigit():
+            # e.g. tensors listed in another order: one canonical name per cut
+            raise LookupFailed("unknown_cut", f"cut {cut_id!r} is not canonical; use {split.cut_id!r}")
+        log.info("built tail of %s for cut %s", hosted.model_id, split.cut_id)
+        return Tail(hosted.model_id, cut_id, split, tuple(hosted.spec_of(t) for t in split.tensors))
+
+
+def check_inputs(tail: Tail, tensors: dict[str, torch.Tensor]) -> int:
+    """Check names, dtypes and shapes against the cut; return the batch size. Raises LookupFailed."""
+    expected = {s.name for s in tail.inputs}
+    if set(tensors) != expected:
+        raise LookupFailed(
+            "bad_tensor", f"cut {tail.cut_id!r} expects tensors {sorted(expected)}, got {sorted(tensors)}"
+        )
+    batch = None
+    for spec in tail.inputs:
+        t = tensors[spec.name]
+        got_dtype = str(t.dtype).replace("torch.", "")
+        if got_dtype != spec.dtype:
+            raise LookupFailed("bad_tensor", f"tensor {spec.name!r} should be {spec.dtype}, got {got_dtype}")
+        if t.dim() != len(spec.shape) + 1 or tuple(t.shape[1:]) != spec.shape:
+            raise LookupFailed(
+                "bad_tensor",
+                f"tensor {spec.name!r} should have shape [B, {', '.join(map(str, spec.shape))}], got {list(t.shape)}",
+            )
+        if batch is None:
+            batch = int(t.shape[0])
+        elif t.shape[0] != batch:
+            raise LookupFailed("bad_tensor", "tensors of one request disagree on the batch size")
+    if not batch:
+        raise LookupFailed("bad_tensor", "batch size must be at least 1")
+    return batch

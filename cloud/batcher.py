@@ -92,6 +92,7 @@ class Batcher:
         )
         self._task: asyncio.Task | None = None
         self.queued = 0  # samples waiting or running
+        self._draining = False  # shutting down: run what is queued without waiting to fill
 
     def _init_thread(self) -> None:
         if self._threads:
@@ -100,8 +101,14 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
+    def drain(self) -> None:
+        """From now on run pending batches at once instead of waiting for them to fill."""
+        self._draining = True
+        self._wakeup.set()
+
     async def close(self) -> None:
         """Finish every accepted job, then stop."""
+        self.drain()
         while self.queued:
             self._wakeup.set()
             await asyncio.sleep(0.01)
@@ -131,7 +138,7 @@ class Batcher:
         for key, jobs in self._pending.items():
             samples = sum(j.batch for j in jobs)
             due = jobs[0].enqueued + self.max_wait_s
-            if samples >= self.max_batch or now >= due:
+            if samples >= self.max_batch or now >= due or self._draining:
                 batch: list[Job] = []
                 count = 0
                 while jobs and (not batch or count + jobs[0].batch <= self.max_batch):

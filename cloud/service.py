@@ -103,8 +103,8 @@ class InferenceService:
             raise
         finally:
             self.in_flight -= 1
-        if isinstance(msg, ErrorMessage) and msg.code in (ErrorCode.OVERLOADED, ErrorCode.INTERNAL):
-            self._answers.pop(req.id, None)  # transient: a retry may succeed
+        if isinstance(msg, ErrorMessage):
+            self._answers.pop(req.id, None)  # errors are cheap to redo, and a retry may succeed
         fut.set_result(msg)
         status = "ok" if isinstance(msg, InferResult) else str(msg.code)
         self.metrics.requests.labels(status).inc()

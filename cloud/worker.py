@@ -46,6 +46,7 @@ class CloudWorker:
             return
         for site in list(self._runner.sites):
             await site.stop()
+        self.service.batcher.drain()
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self.service.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

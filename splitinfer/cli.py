@@ -260,6 +260,42 @@ def bench_codec_cmd(
     console.print(table)
 
 
+@bench_app.command("cloud")
+def bench_cloud_cmd(
+    model: str = ModelOpt,
+    cut: Optional[int] = typer.Option(None, "--cut", help="prefix cut index (default: mid-network)"),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", help="client counts, comma-separated"),
+    seconds: float = typer.Option(4.0, "--seconds", help="measured seconds per point"),
+    max_batch: int = typer.Option(32, "--max-batch", help="batch limit with batching on"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="batch fill wait with batching on"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Worker throughput and p50/p95 latency with batching on and off."""
+    from splitinfer.bench_cloud import BenchSettings, run_cloud_bench
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+    except ValueError:
+        raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
+    if not levels or min(levels) < 1 or seconds <= 0 or max_batch < 1:
+        raise UserError("--concurrency values, --seconds and --max-batch must be positive")
+    result = run_cloud_bench(
+        BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds,
+                      max_batch=max_batch, max_wait_ms=max_wait_ms)
+    )
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['model']} tail after cut {result['cut']['index']} ({result['cut']['bytes']:,} bytes)")
+    for col in ("batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        table.add_row("on" if r["batching"] else "off", str(r["concurrency"]), f"{r['throughput_rps']:.1f}",
+                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_batch']:.1f}")
+    console.print(table)
+    console.print(f"throughput with / without batching at {max(levels)} clients: {result['speedup_at_max_concurrency']}x")
+
+
 def _register_service_commands() -> None:
     """Commands whose code lives with their service (cloud/, edge/)."""
     from splitinfer.cloud.cli import cloud_cmd

@@ -1,0 +1,97 @@
+"""A cloud worker in its own process, for benchmarks, the demo, emulation and tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+
+class CloudProcess:
+    """`splitinfer cloud` as a child process; `url` is set once it prints that it serves.
+
+    `prefix` runs it under another command (e.g. `ip netns exec NS`)."""
+
+    def __init__(
+        self,
+        *args: str,
+        timeout_s: float = 120.0,
+        prefix: Sequence[str] = (),
+        port: int = 0,
+        advertise: bool = False,
+        env: dict[str, str] | None = None,
+    ):
+        cmd = [*prefix, sys.executable, "-m", "splitinfer.cli", "cloud", "--port", str(port), *args]
+        if not advertise:
+            cmd.append("--no-advertise")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.stderr_lines: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+        self.url = ""
+        deadline = time.monotonic() + timeout_s
+        while not self.url:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError("cloud worker did not start: " + "".join(self.stderr_lines[-5:]).strip())
+            try:
+                line = self.lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if "serving on " in line:
+                self.url = line.split("serving on ", 1)[1].split()[0]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def terminate(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (graceful drain) and wait; SIGKILL if it does not exit in time."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int | None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGCONT)  # a stopped process ignores SIGKILL until continued
+            self.proc.send_signal(signal.SIGKILL)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def __enter__(self) -> "CloudProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()

@@ -1,0 +1,123 @@
+"""`splitinfer bench cloud`: cloud worker throughput and latency with batching on and off.
+
+The worker runs in its own process (as in production); this process plays N clients, each
+with its own WebSocket and one request in flight (closed loop), sending head outputs that
+were computed once up front, so the client side costs little more than the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import torch
+
+from splitinfer.cloud.process import CloudProcess
+from splitinfer.errors import UserError
+from splitinfer.graph import capture
+from splitinfer.models import load_model, weights_hash
+from splitinfer.protocol import InferRequest, InferResult, decode_message, encode_message
+from splitinfer.split import split_model
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str
+    cut_index: int | None = None  # None: the middle of the candidate cuts
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 4.0  # measured time per (batching, concurrency) point
+    warmup_s: float = 1.0  # unmeasured traffic first (tail build, caches)
+    max_batch: int = 32  # batch limit when batching is on (off: 1)
+    max_wait_ms: float = 5.0
+    threads: int | None = None  # torch threads of the worker
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+async def _client(
+    url: str, req: InferRequest, stop_at: float, measure_from: float, out: list[tuple[float, int]]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url + "/v1/stream", max_msg_size=0) as ws:
+            while time.monotonic() < stop_at:
+                # a fresh id per send: the worker de-duplicates ids and would answer from memory
+                body = encode_message(replace(req, id=uuid.uuid4().hex))
+                sent = time.monotonic()
+                await ws.send_bytes(body)
+                msg = decode_message((await ws.receive()).data)
+                if not isinstance(msg, InferResult):
+                    raise RuntimeError(f"worker answered {msg}")
+                if sent >= measure_from:
+                    out.append(((time.monotonic() - sent) * 1e3, msg.batch_size))
+
+
+async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings: BenchSettings) -> dict[str, Any]:
+    start = time.monotonic()
+    measure_from = start + settings.warmup_s
+    stop_at = measure_from + settings.seconds
+    samples: list[tuple[float, int]] = []
+    await asyncio.gather(
+        *(_client(url, reqs[i % len(reqs)], stop_at, measure_from, samples) for i in range(clients))
+    )
+    elapsed = time.monotonic() - measure_from
+    lat = [s[0] for s in samples]
+    return {
+        "concurrency": clients,
+        "requests": len(samples),
+        "throughput_rps": round(len(samples) / elapsed, 2),
+        "p50_ms": round(_percentile(lat, 0.5), 2),
+        "p95_ms": round(_percentile(lat, 0.95), 2),
+        "mean_batch": round(statistics.fmean(s[1] for s in samples), 2),
+    }
+
+
+def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
+    lm = load_model(settings.model)
+    gm, graph = capture(lm.module, lm.example_input)
+    first, last = graph.cloud_only_index, graph.edge_only_index - 1
+    index = settings.cut_index if settings.cut_index is not None else (first + last) // 2
+    if not first <= index <= last:
+        raise UserError(f"--cut must be between {first} and {last} (a cut with a tail), got {index}")
+    head = graph.prefix_head(index)
+    split = split_model(gm, graph, head)
+    model_hash = weights_hash(lm.module)
+    reqs = []
+    with torch.inference_mode():
+        for i in range(8):  # a few distinct inputs
+            x = torch.randn(lm.example_input.shape, generator=torch.Generator().manual_seed(i))
+            tensors = split.run_head(x)
+            reqs.append(InferRequest(f"bench-{i}", lm.name, model_hash, graph.cut_id(head), tensors, None, "none"))
+    results: list[dict[str, Any]] = []
+    for batching in (False, True):
+        args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
+                "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000"]
+        if settings.threads:
+            args += ["--threads", str(settings.threads)]
+        with CloudProcess(*args) as cloud:
+            for clients in settings.concurrency:
+                point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
+                results.append({"batching": batching, **point})
+    return {
+        "model": lm.name,
+        "cut": {"index": index, "id": graph.cut_id(head), "bytes": graph.cut_bytes(head)},
+        "max_batch": settings.max_batch,
+        "max_wait_ms": settings.max_wait_ms,
+        "results": results,
+        "speedup_at_max_concurrency": _speedup(results, max(settings.concurrency)),
+    }
+
+
+def _speedup(results: list[dict[str, Any]], clients: int) -> float | None:
+    on = next((r for r in results if r["batching"] and r["concurrency"] == clients), None)
+    off = next((r for r in results if not r["batching"] and r["concurrency"] == clients), None)
+    if not on or not off or not off["throughput_rps"]:
+        return None
+    return round(on["throughput_rps"] / off["throughput_rps"], 3)

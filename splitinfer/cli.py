@@ -235,6 +235,30 @@ def inspect_cmd(
             raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------ reference
+@app.command("reference")
+def reference_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write <model>/{edge,cloud,plan}.json into"),
+    models: Optional[str] = typer.Option(None, "--models", help="comma-separated (default: all built-in)"),
+    edge_threads: int = typer.Option(1, "--edge-threads"),
+    cloud_threads: int = typer.Option(2, "--cloud-threads"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Profile built-in models as edge and cloud on this machine; write profiles, plans, a summary."""
+    from splitinfer.reference import build_reference, summary_markdown
+
+    names = [m.strip() for m in models.split(",")] if models else None
+    summary = build_reference(
+        out, names, edge_threads=edge_threads, cloud_threads=cloud_threads,
+        progress=lambda msg: err_console.print(msg, highlight=False),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if json_out:
+        emit_json(summary)
+    else:
+        sys.stdout.write(summary_markdown(summary))
+
+
 # ---------------------------------------------------------------------------- bench
 @bench_app.command("codec")
 def bench_codec_cmd(

@@ -13,10 +13,13 @@ from aiohttp import web
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import ModelRegistry
 from splitinfer.cloud.service import InferenceService, WorkerConfig, build_app
+from splitinfer.discovery import CLOUD_SERVICE, Advertiser, fit_txt
+from splitinfer.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0  # how long shutdown waits for accepted requests to be answered
+LOAD_REFRESH_S = 2.0  # how often the advertised load may change (mDNS is not a metrics bus)
 
 
 class CloudWorker:
@@ -27,6 +30,8 @@ class CloudWorker:
         self.url = ""
         self.service: InferenceService | None = None
         self._runner: web.AppRunner | None = None
+        self._advertiser: Advertiser | None = None
+        self._refresh: asyncio.Task | None = None
 
     async def start(self) -> str:
         registry = await asyncio.to_thread(ModelRegistry, list(self.config.models))
@@ -38,12 +43,51 @@ class CloudWorker:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
+        if self.config.advertise:
+            await self._advertise(port)
         return self.url
+
+    def _txt(self) -> dict[str, str]:
+        assert self.service is not None
+        models = ",".join(f"{m.model_id}:{m.hash[:8]}" for m in self.service.registry.models.values())
+        return fit_txt(
+            {
+                "v": str(PROTOCOL_VERSION),
+                "id": self.config.worker_id,
+                "models": models,
+                "auth": "1" if self.config.token else "0",
+                "load": str(self.service.queue_depth),
+            }
+        )
+
+    async def _advertise(self, port: int) -> None:
+        address = self.config.interface or self.config.host
+        if address in ("0.0.0.0", ""):
+            address = "127.0.0.1"
+        self._advertiser = Advertiser(
+            CLOUD_SERVICE, f"splitinfer-cloud-{self.config.worker_id}", address, port, self.config.interface
+        )
+        await self._advertiser.start(self._txt())
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_load())
+
+    async def _refresh_load(self) -> None:
+        last = self._txt()
+        while True:
+            await asyncio.sleep(LOAD_REFRESH_S)
+            txt = self._txt()
+            if txt != last and self._advertiser is not None:
+                await self._advertiser.update(txt)
+                last = txt
 
     async def stop(self) -> None:
         """Stop accepting connections, answer what was accepted, then close everything."""
         if self._runner is None or self.service is None:
             return
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self._advertiser is not None:  # first: nobody should pick a worker that is leaving
+            await self._advertiser.stop()
+            self._advertiser = None
         for site in list(self._runner.sites):
             await site.stop()
         self.service.batcher.drain()

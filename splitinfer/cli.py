@@ -259,6 +259,44 @@ def reference_cmd(
         sys.stdout.write(summary_markdown(summary))
 
 
+# ------------------------------------------------------------------------------- ls
+@app.command("ls")
+def ls_cmd(
+    timeout: float = typer.Option(2.0, "--timeout", help="seconds to listen for announcements"),
+    interface: Optional[str] = typer.Option(None, "--interface", help="address to browse on"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Running cloud workers and edge agents on this network (mDNS)."""
+    import asyncio
+
+    from splitinfer.discovery import browse_all
+
+    _positive("--timeout", timeout)
+    found = asyncio.run(browse_all(timeout, interface))
+    clouds = []
+    for p in found["clouds"]:
+        d = p.to_json()
+        d["models"] = [{"id": mid, "hash": h} for mid, h in p.models().items()]
+        clouds.append(d)
+    edges = [p.to_json() for p in found["edges"]]
+    if json_out:
+        emit_json({"clouds": clouds, "edges": edges})
+        return
+    table = Table(title=f"cloud workers ({len(clouds)})")
+    for col in ("name", "url", "models", "token", "load"):
+        table.add_column(col)
+    for c in clouds:
+        table.add_row(c["name"], c["url"], ", ".join(f"{m['id']}:{m['hash']}" for m in c["models"]),
+                      "yes" if c.get("auth") == "1" else "no", c.get("load", "?"))
+    console.print(table)
+    table = Table(title=f"edge agents ({len(edges)})")
+    for col in ("name", "url", "model", "cut", "state", "cloud"):
+        table.add_column(col)
+    for e in edges:
+        table.add_row(e["name"], e["url"], e.get("model", ""), e.get("cut", ""), e.get("state", ""), e.get("cloud", ""))
+    console.print(table)
+
+
 # ---------------------------------------------------------------------------- bench
 @bench_app.command("codec")
 def bench_codec_cmd(

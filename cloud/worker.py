@@ -67,11 +67,13 @@ class CloudWorker:
         self._advertiser = Advertiser(
             CLOUD_SERVICE, f"splitinfer-cloud-{self.config.worker_id}", address, port, self.config.interface
         )
-        await self._advertiser.start(self._txt())
-        self._refresh = asyncio.get_running_loop().create_task(self._refresh_load())
+        # Announcing takes about a second of mDNS probing: serve meanwhile.
+        self._refresh = asyncio.get_running_loop().create_task(self._announce_and_refresh())
 
-    async def _refresh_load(self) -> None:
+    async def _announce_and_refresh(self) -> None:
+        assert self._advertiser is not None
         last = self._txt()
+        await self._advertiser.start(last)
         while True:
             await asyncio.sleep(LOAD_REFRESH_S)
             txt = self._txt()
@@ -85,6 +87,10 @@ class CloudWorker:
             return
         if self._refresh is not None:
             self._refresh.cancel()
+            try:
+                await self._refresh
+            except (asyncio.CancelledError, Exception):
+                pass
         if self._advertiser is not None:  # first: nobody should pick a worker that is leaving
             await self._advertiser.stop()
             self._advertiser = None

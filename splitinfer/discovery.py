@@ -104,20 +104,22 @@ class Advertiser:
         self._info = self._make_info(properties)
         # Names are unique by construction (a random id per process); duplicate-name
         # probing between processes on one host is unreliable, so it is not relied on.
-        await self._zc.async_register_service(self._info, allow_name_change=False)
+        # The call returns a task that finishes once the announcements went out.
+        await (await self._zc.async_register_service(self._info, allow_name_change=False))
 
     async def update(self, properties: dict[str, str]) -> None:
         if self._zc is None:
             return
         self._info = self._make_info(properties)
-        await self._zc.async_update_service(self._info)
+        await (await self._zc.async_update_service(self._info))
 
     async def stop(self) -> None:
         if self._zc is None:
             return
         try:
             if self._info is not None:
-                await self._zc.async_unregister_service(self._info)
+                # wait for the goodbye packets: closing first would drop them
+                await (await self._zc.async_unregister_service(self._info))
         finally:
             await self._zc.async_close()
             self._zc = None

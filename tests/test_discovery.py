@@ -1,0 +1,70 @@
+"""Real zeroconf on 127.0.0.1: workers announce themselves, `ls` finds them, records go away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitinfer.discovery import CLOUD_SERVICE, MAX_ENTRY_BYTES, MAX_TXT_BYTES, Browser, fit_txt, txt_size
+
+ROOT = Path(__file__).resolve().parents[1]
+LO = "127.0.0.1"  # no test sends multicast off this machine
+
+
+def ls_json(timeout: float = 2.0) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitinfer.cli", "ls", "--interface", LO, "--timeout", str(timeout), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_txt_records_fit_the_limits() -> None:
+    many = ",".join(f"model_number_{i}:0123abcd" for i in range(60))
+    props = fit_txt({"v": "1", "id": "x" * 12, "models": many, "auth": "0", "load": "12"})
+    assert txt_size(props) <= MAX_TXT_BYTES
+    assert all(len(f"{k}={v}".encode()) <= MAX_ENTRY_BYTES for k, v in props.items())
+    assert int(props["more"]) > 0 and props["models"].startswith("model_number_0:")
+    small = {"v": "1", "models": "tinycnn:0123abcd"}
+    assert fit_txt(small) == small
+
+
+async def test_two_workers_are_listed_and_a_stopped_one_disappears(cloud_process) -> None:
+    a = cloud_process("--model", "tinycnn", "--interface", LO, advertise=True)
+    b = cloud_process("--model", "tinycnn", "--token", "t", "--interface", LO, advertise=True)
+    browser = Browser(CLOUD_SERVICE, "cloud", LO)
+    await browser.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while {p.url for p in browser.peers.values()} != {a.url, b.url}:
+            assert asyncio.get_running_loop().time() < deadline, browser.peers
+            browser.changed.clear()
+            try:
+                await asyncio.wait_for(browser.changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        by_url = {p.url: p for p in browser.peers.values()}
+        assert by_url[a.url].properties["auth"] == "0" and by_url[b.url].properties["auth"] == "1"
+        assert set(by_url[a.url].models()) == {"tinycnn"} and by_url[a.url].properties["v"] == "1"
+        listed = ls_json()
+        assert {c["url"] for c in listed["clouds"]} >= {a.url, b.url}
+        assert all(c["models"][0]["id"] == "tinycnn" for c in listed["clouds"] if c["url"] in (a.url, b.url))
+        # graceful stop unregisters: the record is gone without waiting for its TTL
+        assert await asyncio.to_thread(b.terminate) == 0
+        deadline = asyncio.get_running_loop().time() + 10
+        while b.url in {p.url for p in browser.peers.values()}:
+            assert asyncio.get_running_loop().time() < deadline, "record not withdrawn"
+            browser.changed.clear()
+            try:
+                await asyncio.wait_for(browser.changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        assert a.url in {p.url for p in browser.peers.values()}
+    finally:
+        await browser.stop()

@@ -21,6 +21,9 @@ from splitinfer.cloud.registry import Tail
 log = logging.getLogger(__name__)
 
 
+DEADLINE_MARGIN_S = 0.002  # run a batch this long before its earliest deadline
+
+
 @dataclass
 class Job:
     tail: Tail
@@ -138,6 +141,10 @@ class Batcher:
         for key, jobs in self._pending.items():
             samples = sum(j.batch for j in jobs)
             due = jobs[0].enqueued + self.max_wait_s
+            # never let a request's deadline pass while it waits for company
+            deadlines = [j.deadline - DEADLINE_MARGIN_S for j in jobs if j.deadline is not None]
+            if deadlines:
+                due = min(due, min(deadlines))
             if samples >= self.max_batch or now >= due or self._draining:
                 batch: list[Job] = []
                 count = 0

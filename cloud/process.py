@@ -38,8 +38,12 @@ class CloudProcess:
         )
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.stderr_lines: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._pumps = [
+            threading.Thread(target=self._pump, daemon=True),
+            threading.Thread(target=self._pump_err, daemon=True),
+        ]
+        for t in self._pumps:
+            t.start()
         self.url = ""
         deadline = time.monotonic() + timeout_s
         while not self.url:
@@ -77,9 +81,11 @@ class CloudProcess:
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout_s)
+            code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return self.kill()
+        self._close_pipes()
+        return code
 
     def kill(self) -> int | None:
         if self.proc.poll() is None:
@@ -89,6 +95,20 @@ class CloudProcess:
             return self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             return None
+        finally:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        if self.proc.poll() is None:
+            return
+        for t in self._pumps:  # they reach EOF now that the process is gone
+            t.join(timeout=2)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
 
     def __enter__(self) -> "CloudProcess":
         return self

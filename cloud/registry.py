@@ -102,12 +102,12 @@ class ModelRegistry:
     def tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail:
         hosted = self.model(model_id, model_hash)
         key = (model_id, cut_id)
+        # Held while building: a burst of first requests for a cut builds its tail once.
         with self._lock:
             if key in self._tails:
                 self._tails.move_to_end(key)
                 return self._tails[key]
-        tail = self._build(hosted, cut_id)
-        with self._lock:
+            tail = self._build(hosted, cut_id)
             self._tails[key] = tail
             while len(self._tails) > self._max_tails:
                 self._tails.popitem(last=False)

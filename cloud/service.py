@@ -68,8 +68,9 @@ class InferenceService:
             threads=config.threads,
             on_batch=metrics.batch_size.observe,
         )
-        # request id -> future of its answer: duplicates wait for, or reuse, the first one
-        self._answers: OrderedDict[str, asyncio.Future] = OrderedDict()
+        # request -> future of its answer: duplicates wait for, or reuse, the first one. The
+        # key holds more than the id so that two clients reusing an id never share answers.
+        self._answers: OrderedDict[tuple, asyncio.Future] = OrderedDict()
         self.in_flight = 0
         self._profiles: dict[str, dict] = {}
 
@@ -85,26 +86,27 @@ class InferenceService:
 
     async def answer(self, req: InferRequest, arrived: float) -> InferResult | ErrorMessage:
         """The answer to one decoded request; a retry with the same id is not recomputed."""
-        known = self._answers.get(req.id)
+        key = _dedup_key(req)
+        known = self._answers.get(key)
         if known is not None:
-            self._answers.move_to_end(req.id)
+            self._answers.move_to_end(key)
             return await asyncio.shield(known)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._answers[req.id] = fut
+        self._answers[key] = fut
         while len(self._answers) > self.config.remember_answers:
             self._answers.popitem(last=False)
         self.in_flight += 1
         try:
             msg = await self._compute(req, arrived)
         except BaseException as exc:  # cancelled: let a retry compute it
-            self._answers.pop(req.id, None)
+            self._answers.pop(key, None)
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
             raise
         finally:
             self.in_flight -= 1
         if isinstance(msg, ErrorMessage):
-            self._answers.pop(req.id, None)  # errors are cheap to redo, and a retry may succeed
+            self._answers.pop(key, None)  # errors are cheap to redo, and a retry may succeed
         fut.set_result(msg)
         status = "ok" if isinstance(msg, InferResult) else str(msg.code)
         self.metrics.requests.labels(status).inc()
@@ -169,6 +171,12 @@ class InferenceService:
             )
             self._profiles[model_id] = prof.to_json()
         return self._profiles[model_id]
+
+
+def _dedup_key(req: InferRequest) -> tuple:
+    """What makes a retry the same request: id, model, weights, cut and tensor shapes."""
+    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in req.tensors.items()))
+    return (req.id, req.model_id, req.model_hash, req.cut_id, shapes)
 
 
 def _outputs_bytes(result: InferResult) -> int:

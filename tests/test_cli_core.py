@@ -45,7 +45,7 @@ def test_partition_json_contract(tiny_profiles) -> None:
     edge, cloud = tiny_profiles
     out = run(
         "partition", "--model", "tinycnn", "--edge-profile", str(edge), "--cloud-profile", str(cloud),
-        "--bandwidth", "5.85", "--rtt", "20", "--envelope", "--json",
+        "--bandwidth", "5.85", "--rtt", "1", "--envelope", "--json",
     ).stdout
     plan = json.loads(out)
     assert set(plan["cut"]) >= {"index", "kind", "tensors", "bytes"}

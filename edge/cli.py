@@ -1,0 +1,123 @@
+"""`splitinfer edge`: run requests through the head here and a cloud worker's tail.
+
+A thin layer over :class:`splitinfer.edge.agent.EdgeAgent`; user mistakes end in a
+UserError (one line, exit code 2), registered by ``splitinfer.cli``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splitinfer.errors import UserError
+
+__all__ = ["edge_cmd", "run_agent"]
+
+
+async def run_agent(config: Any, requests: int, rate: float | None) -> dict[str, Any]:
+    """Start an agent, run the requests, return the summary."""
+    from splitinfer.edge.agent import EdgeAgent
+
+    async with EdgeAgent(config) as agent:
+        return await agent.run(requests, rate)
+
+
+def edge_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function"),
+    cloud: Optional[str] = typer.Option(None, "--cloud", help="the cloud worker's URL, e.g. http://127.0.0.1:8470"),
+    cut: str = typer.Option("auto", "--cut", help="auto, edge, cloud, a cut index or tensor names joined by ','"),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="uplink in Mbit/s for --cut auto (default: measured)"),
+    rtt: Optional[float] = typer.Option(None, "--rtt", help="round trip in ms for --cut auto (default: measured)"),
+    requests: int = typer.Option(20, "--requests", "-n", help="requests to send"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="arrivals per second, open loop (default: one after another)"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="end-to-end budget per request"),
+    compression: str = typer.Option("none", "--compression", help="activations on the wire: none, fp16, int8"),
+    verify: bool = typer.Option(False, "--verify", help="also run the full model here and report max abs diff"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="SPLITINFER_TOKEN", help="bearer token of the worker"),
+    threads: int = typer.Option(1, "--threads", help="torch threads for the head (the edge's cores)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Run requests with the head on this machine and the tail on a cloud worker."""
+    from splitinfer.edge.agent import AgentConfig
+
+    if cloud is None:
+        raise UserError("--cloud URL is required (discovery of workers is not available yet)")
+    if requests < 1:
+        raise UserError(f"--requests must be at least 1, got {requests}")
+    if rate is not None and not rate > 0:
+        raise UserError(f"--rate must be positive, got {rate}")
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    config = AgentConfig(
+        model=model,
+        cloud=cloud,
+        token=token,
+        cut=cut,
+        bandwidth_mbit=bandwidth,
+        rtt_ms=rtt,
+        deadline_ms=deadline_ms,
+        compression=compression,
+        verify=verify,
+        threads=threads,
+    )
+    summary = asyncio.run(run_agent(config, requests, rate))
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
+        sys.stdout.flush()
+        return
+    _print_summary(summary, model, verify)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _print_summary(summary: dict[str, Any], model: str, verify: bool) -> None:
+    console = Console()
+    cut = summary["cut"]
+    index = "" if cut.get("index") is None else f" (index {cut['index']})"
+    line = f"[bold]{model}[/]: cut [bold]{cut['id'][:80]}[/]{index}, {cut['kind']}, {cut['bytes']:,} bytes raw"
+    if cut.get("chosen_by") == "auto":
+        link = cut["link"]
+        line += (
+            f"; chosen for {link['uplink_mbit']:.1f} Mbit/s, {link['rtt_ms']:.2f} ms RTT"
+            f"{' (measured)' if link.get('measured') else ''}, predicted {cut['predicted_ms']:.2f} ms"
+        )
+    console.print(line, highlight=False)
+
+    table = Table(title=f"{summary['answered']}/{summary['requests']} answered, {summary['errors']} error(s)")
+    for col in ("source", "requests", "mean ms", "p50 ms", "p95 ms", "max ms"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    from splitinfer.edge.agent import latency_stats
+
+    for source, count in summary["by_source"].items():
+        if count:
+            st = latency_stats([r["total_ms"] for r in summary["records"] if r["source"] == source and "error" not in r])
+            table.add_row(source, str(count), _ms(st["mean"]), _ms(st["p50"]), _ms(st["p95"]), _ms(st["max"]))
+    lat = summary["latency_ms"]
+    table.add_row("[bold]all answered[/]", str(summary["answered"]), _ms(lat["mean"]), _ms(lat["p50"]), _ms(lat["p95"]), _ms(lat["max"]))
+    console.print(table)
+
+    records = [r for r in summary["records"] if "error" not in r]
+    if records:
+        parts = Table(title="mean time per stage (ms)")
+        keys = ("head_ms", "encode_ms", "network_ms", "cloud_queue_ms", "cloud_compute_ms", "total_ms")
+        for k in keys:
+            parts.add_column(k.removesuffix("_ms").replace("_", " "), justify="right")
+        parts.add_row(*(f"{sum(r[k] for r in records) / len(records):.2f}" for k in keys))
+        console.print(parts)
+        mean_bytes = sum(r["bytes_sent"] for r in records) / len(records)
+        console.print(f"sent {mean_bytes:,.0f} bytes per request", highlight=False)
+    if verify and records:
+        worst = max(r.get("max_abs_diff", 0.0) for r in records)
+        console.print(f"verify: worst max abs diff against the full local model {worst:.2e}", highlight=False)
+    errors = [r["error"] for r in summary["records"] if "error" in r]
+    if errors:
+        first = errors[0]
+        console.print(f"[red]{len(errors)} error(s)[/], first: {first['code']}: {first['message']}", highlight=False)

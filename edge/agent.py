@@ -19,15 +19,18 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import torch
 
 from splitinfer.codec import parse_compression
 from splitinfer.costmodel import Link
-from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable
+from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, encode_request, normalize_url
+from splitinfer.edge.fallback import FallbackRunner, top1_confidence
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
+from splitinfer.edge.pool import CloudPool
+from splitinfer.edge.status import StatusPublisher
 from splitinfer.errors import UserError
 from splitinfer.graph import EDGE_ONLY
 from splitinfer.models import LoadedModel, load_model
@@ -40,6 +43,9 @@ __all__ = ["AgentConfig", "Answer", "EdgeAgent", "latency_stats", "request_input
 log = logging.getLogger(__name__)
 
 _INPUT_SEED = 1_000  # request i gets inputs from a generator seeded with _INPUT_SEED + i
+ASSUMED_MBIT = 10.0  # --cut auto before any worker answered: plan for a typical link
+ASSUMED_RTT_MS = 20.0
+RETRY_MIN_MS = 20.0  # retry a failed cloud request only if at least this much deadline is left
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,10 @@ class AgentConfig:
     """What one edge agent runs and against which cloud."""
 
     model: str  # built-in name, path/to/file.py:function or package.module:function
-    cloud: str | None = None  # the worker's URL, e.g. http://127.0.0.1:8470; None only for cut "edge"
+    cloud: str | None = None  # a worker's URL, e.g. http://127.0.0.1:8470 (also see `clouds`, `discover`)
+    clouds: tuple[str, ...] = ()  # more static worker URLs (networks that block multicast)
+    discover: bool = False  # also find workers over mDNS (zeroconf) and use the best one
+    interface: str | None = None  # address to browse and advertise on (None: all)
     token: str | None = None  # bearer token the worker requires (None: the worker is open)
     cut: str = "auto"  # "auto" (partitioner), "edge", "cloud", a prefix index, or tensor names joined by ","
     bandwidth_mbit: float | None = None  # uplink for "auto"; None: measured with a probe
@@ -61,7 +70,12 @@ class AgentConfig:
     probe_bytes: int = 1_000_000  # payload POSTed to estimate the uplink
     measure_profiles: bool = False  # "auto": profile here and ask the cloud, even when partitions/<model>/ has profiles
     warmup: int = 1  # untimed requests run() sends first, so the cloud builds its tail before timing starts
-
+    fallback: str | None = None  # model spec answering when the cloud cannot (None: no fallback)
+    progressive: bool = False  # answer from the fallback at once, then refine with the cloud's answer
+    confidence_exit: float | None = None  # skip the cloud when the fallback's top-1 probability >= this
+    start_wait_s: float = 5.0  # how long start() waits for a first usable cloud worker
+    advertise: bool = False  # announce this agent on mDNS and serve GET /status
+    status_host: str = "127.0.0.1"  # where GET /status listens when advertising
     def __post_init__(self) -> None:
         for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):
             if value is not None and not (math.isfinite(value) and value > lowest):
@@ -78,6 +92,14 @@ class AgentConfig:
             raise UserError(str(exc)) from None
         if not str(self.cut).strip():
             raise UserError("cut must not be empty: use auto, edge, cloud, an index or tensor names")
+        if self.confidence_exit is not None and not 0.0 < self.confidence_exit <= 1.0:
+            raise UserError(f"confidence exit must be in (0, 1], got {self.confidence_exit}")
+        if (self.progressive or self.confidence_exit is not None) and self.fallback is None:
+            raise UserError("--progressive and --confidence-exit need a fallback model")
+
+    @property
+    def cloud_urls(self) -> tuple[str, ...]:
+        return ((self.cloud,) if self.cloud else ()) + tuple(self.clouds)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +119,9 @@ class Answer:
     bytes_sent: int = 0
     max_abs_diff: float | None = None  # only with verify
     error: dict[str, str] | None = None  # {"code", "message"} when it failed
+    reason: str | None = None  # why the fallback or the edge answered (e.g. cloud_unavailable, confident)
+    cloud_url: str | None = None  # the worker that answered
+    provisional: "Answer | None" = None  # --progressive: the fallback's early answer
 
     @property
     def ok(self) -> bool:
@@ -120,6 +145,13 @@ class Answer:
             r["max_abs_diff"] = self.max_abs_diff
         if self.error is not None:
             r["error"] = dict(self.error)
+        if self.reason is not None:
+            r["reason"] = self.reason
+        if self.provisional is not None:
+            r["progressive"] = {
+                "first": {"source": self.provisional.source, "total_ms": round(self.provisional.total_ms, 4)},
+                "final": self.source,
+            }
         return r
 
 
@@ -183,17 +215,22 @@ def _bundled_profiles(model: str) -> tuple[Profile, Profile] | None:
 
 
 class EdgeAgent:
-    """Runs one model's head here and its tail on one cloud worker; see the module docstring."""
+    """Runs one model's head here and its tail on the best cloud worker; see the module docstring."""
 
     def __init__(self, config: AgentConfig, *, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self._loaded = loaded  # a model built by the caller (its own nn.Module); else config.model is loaded
         self.runner: HeadRunner | None = None
-        self.client: CloudClient | None = None
+        self.pool: CloudPool | None = None
+        self.fallback: FallbackRunner | None = None
+        self.status: StatusPublisher | None = None
         self.cut_id: str = ""
         self.cut_info: dict[str, Any] = {}
+        self.counters: dict[str, int] = {"requests": 0, "cloud": 0, "edge": 0, "fallback": 0, "errors": 0}
+        self.state = "starting"  # cloud | fallback | edge: where answers come from now
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across agents and runs
+        self.agent_id = self._prefix
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> "EdgeAgent":
@@ -207,15 +244,25 @@ class EdgeAgent:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def client(self) -> CloudClient | None:
+        """The client of the worker in use now (None when no worker is usable)."""
+        best = self.pool.best() if self.pool else None
+        return best.client if best else None
+
     async def start(self) -> None:
         cfg = self.config
-        if cfg.cloud is None and str(cfg.cut).strip() != EDGE_ONLY:
-            raise UserError("no cloud URL given: pass --cloud URL (or use --cut edge)")
+        wants_cloud = str(cfg.cut).strip() != EDGE_ONLY
+        if wants_cloud and not cfg.cloud_urls and not cfg.discover:
+            raise UserError("no cloud given: pass --cloud URL, or let the agent discover workers (mDNS)")
         loaded = self._loaded if self._loaded is not None else await asyncio.to_thread(load_model, cfg.model)
         self.runner = await asyncio.to_thread(HeadRunner, loaded, cfg.threads)
-        if cfg.cloud is not None:
-            self.client = CloudClient(cfg.cloud, cfg.token)
-            await self._check_cloud_model()
+        if cfg.fallback is not None:
+            fb = await asyncio.to_thread(load_model, cfg.fallback)
+            self.fallback = FallbackRunner(fb, cfg.threads)
+            await self.fallback.warm_up()
+        if wants_cloud:
+            await self._start_pool()
         cut = str(cfg.cut).strip()
         if cut == "auto":
             await self._choose_auto()
@@ -223,40 +270,76 @@ class EdgeAgent:
             self.cut_id = self.runner.resolve_cut(cut)
             self.cut_info = {**self.runner.describe_cut(self.cut_id), "chosen_by": "user"}
         await self.runner.prepare(self.cut_id)
-        if self.client is not None and self.cut_id != EDGE_ONLY:
-            try:
-                await self.client.connect()
-            except CloudUnavailable as exc:
-                raise UserError(exc.message) from None
-            except CloudError as exc:
-                raise UserError(f"the cloud refused the connection: {exc.message}") from None
+        self._update_state()
+        if cfg.advertise:
+            self.status = StatusPublisher(self, cfg.interface, cfg.status_host)
+            await self.status.start()
         log.info("%s: cut %s (%s)", self.runner.name, self.cut_id, self.cut_info.get("kind"))
 
+    async def _start_pool(self) -> None:
+        cfg, runner = self.config, self.runner
+        assert runner is not None
+        if self.fallback is None:  # without a fallback a bad static cloud is a user error now
+            for url in cfg.cloud_urls:
+                await self._check_cloud_model(url)
+        self.pool = CloudPool(
+            runner.name, runner.weights_hash, static_urls=cfg.cloud_urls, discover=cfg.discover,
+            interface=cfg.interface, token=cfg.token, on_change=self._update_state,
+        )  # fmt: skip
+        await self.pool.start(initial_wait_s=cfg.start_wait_s)
+        if self.pool.best() is None:
+            if self.fallback is None:
+                why = "; ".join(self.pool.rejections.values()) or "none answered"
+                raise UserError(f"no usable cloud worker for {runner.name} ({why})")
+            log.warning("no cloud worker usable yet: answering from the fallback until one is")
+
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        if self.status is not None:
+            await self.status.stop()
+            self.status = None
+        if self.pool is not None:
+            await self.pool.stop()
+            self.pool = None
         if self.runner is not None:
             await asyncio.to_thread(self.runner.close)
             self.runner = None
+        if self.fallback is not None:
+            await asyncio.to_thread(self.fallback.close)
+            self.fallback = None
 
     @property
     def model_id(self) -> str:
         assert self.runner is not None, "the agent is not started"
         return self.runner.name
 
-    async def _check_cloud_model(self) -> None:
-        """The cloud must serve this model with the same weights; else one clear UserError."""
-        assert self.client is not None and self.runner is not None
-        url = self.client.url
+    def _update_state(self) -> None:
+        if self.cut_id == EDGE_ONLY:
+            state = "edge"
+        elif self.pool is not None and self.pool.best() is not None:
+            state = "cloud"
+        else:
+            state = "fallback"
+        if state != self.state:
+            log.info("answers now come from: %s", state)
+            self.state = state
+            if self.status is not None:
+                self.status.changed()
+
+    async def _check_cloud_model(self, url: str) -> None:
+        """A static worker must serve this model with the same weights; else one clear UserError."""
+        assert self.runner is not None
+        url = normalize_url(url)
+        client = CloudClient(url, self.config.token)
         try:
-            listing = await self.client.models()
+            listing = await client.models()
         except CloudUnavailable as exc:
             raise UserError(exc.message) from None
         except CloudError as exc:
             if exc.code == "unauthorized":
                 raise UserError(f"the cloud at {url} wants a token (--token): {exc.message}") from None
             raise UserError(f"{url} does not answer like a splitinfer cloud worker: {exc.message}") from None
+        finally:
+            await client.close()
         served = {str(m.get("id")): m for m in listing.get("models", []) if isinstance(m, dict)}
         name = self.runner.name
         if name not in served:
@@ -277,8 +360,7 @@ class EdgeAgent:
 
         cfg, runner = self.config, self.runner
         assert runner is not None
-        if self.client is None:
-            raise UserError("cut 'auto' needs a cloud URL")
+        client = self.client  # None when no worker is usable yet (the fallback answers meanwhile)
         graph_fp = runner.graph.fingerprint()
         profiles = None if cfg.measure_profiles else _bundled_profiles(runner.name)
         source = "bundled"
@@ -294,8 +376,10 @@ class EdgeAgent:
                     threads=cfg.threads, weights_hash=runner.weights_hash,
                 )
             )  # fmt: skip
+            if client is None:
+                raise UserError(f"--cut auto for {runner.name} needs its profiles or a reachable cloud; pass --cut")
             try:
-                cloud_prof = await self.client.profile(runner.name)
+                cloud_prof = await client.profile(runner.name)
             except CloudUnavailable as exc:
                 raise UserError(exc.message) from None
             except CloudError as exc:
@@ -304,10 +388,14 @@ class EdgeAgent:
                 raise UserError(f"the cloud's profile of {runner.name!r} is of a different graph than the edge's model")
             profiles = (edge_prof, cloud_prof)
         rtt, mbit = cfg.rtt_ms, cfg.bandwidth_mbit
-        measured_link = rtt is None or mbit is None
+        measured_link = (rtt is None or mbit is None) and client is not None
+        if client is None:  # nothing to measure against yet: assume a typical link
+            rtt = ASSUMED_RTT_MS if rtt is None else rtt
+            mbit = ASSUMED_MBIT if mbit is None else mbit
         if measured_link:
+            assert client is not None
             try:
-                probed_rtt, probed_mbit = await self.client.probe(cfg.probe_bytes)
+                probed_rtt, probed_mbit = await client.probe(cfg.probe_bytes)
             except CloudUnavailable as exc:
                 raise UserError(exc.message) from None
             except CloudError as exc:
@@ -335,11 +423,16 @@ class EdgeAgent:
         """Switch the cut later requests use (an adaptive policy's hook); returns its canonical id."""
         assert self.runner is not None, "the agent is not started"
         cut_id = self.runner.resolve_cut(cut)
-        if cut_id != EDGE_ONLY and self.client is None:
+        if cut_id != EDGE_ONLY and self.pool is None:
             raise UserError(f"cut {cut_id!r} needs a cloud")
         self.cut_id = cut_id
         self.cut_info = {**self.runner.describe_cut(cut_id), "chosen_by": "user"}
         return cut_id
+
+    def link_estimate(self) -> dict[str, Any] | None:
+        """The link the current cut was chosen for (None when the cut was given)."""
+        link = self.cut_info.get("link")
+        return dict(link) if isinstance(link, dict) else None
 
     def next_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -351,74 +444,167 @@ class EdgeAgent:
         cut: str | None = None,
         reference: dict[str, torch.Tensor] | None = None,
         request_id: str | None = None,
+        on_provisional: Callable[[Answer], None] | None = None,
     ) -> Answer:
-        """Answer one input (batch dimension included). Never raises for a cloud failure:
-        the Answer then has ``error`` set and no outputs.
+        """Exactly one final answer for one input (batch dimension included). Never raises
+        for a cloud failure: the fallback answers (source "fallback", with a reason), or,
+        without a fallback, the Answer has ``error`` set and no outputs.
 
-        ``cut`` overrides the agent's cut for this request (an id, index, edge or cloud);
-        ``reference`` is the full model's output for --verify when the caller has it."""
+        ``cut`` overrides the agent's cut for this request; ``reference`` is the full
+        model's output for --verify; ``on_provisional`` receives the fallback's early
+        answer with --progressive."""
         runner = self.runner
         assert runner is not None, "the agent is not started: use `async with EdgeAgent(cfg) as agent`"
         cfg = self.config
         cut_id = self.cut_id if cut is None else runner.resolve_cut(cut)
         rid = request_id or self.next_id()
         started = time.perf_counter()
-        tensors, head_ms = await runner.run_head(cut_id, x)
+        self.counters["requests"] += 1
 
-        times: dict[str, float] = {"head_ms": head_ms}
-        outputs: dict[str, torch.Tensor] = {}
-        error: dict[str, str] | None = None
-        source = "edge" if cut_id == EDGE_ONLY else "cloud"
-        bytes_sent = 0
+        def elapsed_ms() -> float:
+            return (time.perf_counter() - started) * 1e3
+
+        early: Answer | None = None
+        if self.fallback is not None and (cfg.progressive or cfg.confidence_exit is not None):
+            fb_out, fb_ms = await self.fallback.run(x)
+            if cfg.confidence_exit is not None and top1_confidence(fb_out) >= cfg.confidence_exit:
+                return await self._finish(
+                    Answer(id=rid, cut=EDGE_ONLY, source="edge", outputs=fb_out, head_ms=fb_ms,
+                           total_ms=elapsed_ms(), reason="confident"), x, reference)  # fmt: skip
+            if cfg.progressive:
+                early = Answer(id=rid, cut=cut_id, source="fallback", outputs=fb_out, head_ms=fb_ms,
+                               total_ms=elapsed_ms(), reason="progressive")  # fmt: skip
+                if on_provisional is not None:
+                    on_provisional(early)
+
         if cut_id == EDGE_ONLY:
-            outputs = outputs_dict(tensors[EDGE_OUTPUT])
-        else:
-            outputs, error, bytes_sent = await self._ask_cloud(rid, cut_id, tensors, started, times)
-        total_ms = (time.perf_counter() - started) * 1e3
+            out, head_ms = await runner.run_head(cut_id, x)
+            answer = Answer(id=rid, cut=cut_id, source="edge", outputs=outputs_dict(out[EDGE_OUTPUT]),
+                            head_ms=head_ms, total_ms=elapsed_ms())  # fmt: skip
+            return await self._finish(answer, x, reference)
 
-        diff: float | None = None
-        if cfg.verify and error is None:
+        why_not = self._cloud_refusal()
+        if why_not is not None:
+            return await self._answer_locally(rid, cut_id, x, started, why_not, early, reference)
+
+        tensors, head_ms = await runner.run_head(cut_id, x)
+        times: dict[str, float] = {"head_ms": head_ms}
+        outputs, error, bytes_sent, url = await self._ask_cloud(rid, cut_id, tensors, started, times)
+        if error is not None:
+            if self.fallback is not None:
+                return await self._answer_locally(rid, cut_id, x, started, error["code"], early, reference,
+                                                  times=times, bytes_sent=bytes_sent)  # fmt: skip
+            self.counters["errors"] += 1
+            return Answer(id=rid, cut=cut_id, source="cloud", outputs={}, total_ms=elapsed_ms(),
+                          bytes_sent=bytes_sent, error=error, **times)  # fmt: skip
+        answer = Answer(id=rid, cut=cut_id, source="cloud", outputs=outputs, total_ms=elapsed_ms(),
+                        bytes_sent=bytes_sent, cloud_url=url, provisional=early, **times)  # fmt: skip
+        return await self._finish(answer, x, reference)
+
+    def _cloud_refusal(self) -> str | None:
+        """Why this request should not even try the cloud (None: try it)."""
+        if self.pool is None or self.pool.best() is None:
+            return "cloud_unavailable"
+        deadline = self.config.deadline_ms
+        predicted = self.cut_info.get("predicted_ms")
+        if deadline is not None and predicted is not None and predicted > deadline:
+            return "predicted_over_deadline"
+        return None
+
+    async def _answer_locally(
+        self,
+        rid: str,
+        cut_id: str,
+        x: torch.Tensor,
+        started: float,
+        reason: str,
+        early: Answer | None,
+        reference: dict[str, torch.Tensor] | None,
+        *,
+        times: dict[str, float] | None = None,
+        bytes_sent: int = 0,
+    ) -> Answer:
+        """The fallback's answer (reusing the progressive one when there is one)."""
+        times = dict(times or {})
+        if self.fallback is None:
+            self.counters["errors"] += 1
+            message = {"cloud_unavailable": "no cloud worker is reachable and there is no fallback model",
+                       "predicted_over_deadline": "the predicted latency is over the deadline and there is no fallback model",
+                       }.get(reason, reason)  # fmt: skip
+            return Answer(id=rid, cut=cut_id, source="cloud", outputs={}, bytes_sent=bytes_sent,
+                          total_ms=(time.perf_counter() - started) * 1e3,
+                          error={"code": reason, "message": message}, **times)  # fmt: skip
+        if early is not None:
+            outputs = early.outputs
+        else:
+            outputs, fb_ms = await self.fallback.run(x)
+            times["head_ms"] = times.get("head_ms", 0.0) + fb_ms
+        answer = Answer(id=rid, cut=cut_id, source="fallback", outputs=outputs, bytes_sent=bytes_sent,
+                        total_ms=(time.perf_counter() - started) * 1e3, reason=reason,
+                        provisional=early, **times)  # fmt: skip
+        return await self._finish(answer, x, reference)
+
+    async def _finish(self, answer: Answer, x: torch.Tensor, reference: dict[str, torch.Tensor] | None) -> Answer:
+        """Count the answer and, with --verify, compare it with the full model run here."""
+        self.counters[answer.source] += 1
+        if self.config.verify and answer.ok:
+            assert self.runner is not None
             if reference is None:
-                reference, _ = await runner.run_full(x)
-            diff = _compare(outputs, reference)
-        return Answer(
-            id=rid, cut=cut_id, source=source, outputs=outputs, total_ms=total_ms, bytes_sent=bytes_sent,
-            max_abs_diff=diff, error=error, **times,
-        )  # fmt: skip
+                reference, _ = await self.runner.run_full(x)
+            answer = replace(answer, max_abs_diff=_compare(answer.outputs, reference))
+        return answer
 
     async def _ask_cloud(
         self, rid: str, cut_id: str, tensors: dict[str, torch.Tensor], started: float, times: dict[str, float]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, int]:
-        cfg, client = self.config, self.client
-        if client is None:
-            return {}, {"code": "unavailable", "message": f"cut {cut_id!r} needs a cloud"}, 0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, int, str | None]:
+        """Send to the best worker; retry (same id: the cloud de-duplicates) on another or
+        the same worker while the deadline leaves room. Returns outputs, error, bytes, url."""
+        cfg, pool = self.config, self.pool
+        assert pool is not None
+        reserve_ms = self.fallback.reserve_ms if self.fallback is not None else 0.0
+        model_hash = self.runner.weights_hash if self.runner else ""
+        frame: bytes | None = None
         deadline_ms: float | None = None
-        timeout_s = cfg.timeout_s
-        if cfg.deadline_ms is not None:
-            deadline_ms = cfg.deadline_ms - (time.perf_counter() - started) * 1e3
-            if deadline_ms <= 0:
-                return {}, {"code": "deadline_exceeded", "message": "the head alone took longer than the deadline"}, 0
-            timeout_s = (deadline_ms + cfg.deadline_grace_ms) / 1e3
-        req = InferRequest(
-            id=rid, model_id=self.model_id, model_hash=self.runner.weights_hash if self.runner else "",
-            cut_id=cut_id, tensors=tensors, deadline_ms=deadline_ms, compression=cfg.compression,
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        frame = await client.encode(req)
-        t1 = time.perf_counter()
-        times["encode_ms"] = (t1 - t0) * 1e3
-        try:
-            result = await client.infer_encoded(rid, frame, timeout_s)
-        except CloudError as exc:
-            return {}, {"code": exc.code, "message": exc.message}, len(frame)
-        except CloudUnavailable as exc:
-            code = "deadline_exceeded" if exc.timeout and cfg.deadline_ms is not None else exc.code
-            return {}, {"code": code, "message": exc.message}, len(frame)
-        round_trip_ms = (time.perf_counter() - t1) * 1e3
-        times["cloud_queue_ms"] = result.queue_ms
-        times["cloud_compute_ms"] = result.compute_ms
-        times["network_ms"] = max(0.0, round_trip_ms - result.queue_ms - result.compute_ms)
-        return dict(result.outputs), None, len(frame)
+        error: dict[str, str] = {"code": "cloud_unavailable", "message": "no cloud worker is reachable"}
+        for attempt in range(2):
+            spent = (time.perf_counter() - started) * 1e3
+            timeout_s = cfg.timeout_s
+            if cfg.deadline_ms is not None:
+                # keep enough of the deadline to answer from the fallback if the cloud fails
+                deadline_ms = cfg.deadline_ms - spent - reserve_ms
+                if deadline_ms <= (0 if attempt == 0 else RETRY_MIN_MS):
+                    if attempt == 0:
+                        error = {"code": "deadline", "message": "no time left for the cloud after the head"}
+                    break
+                timeout_s = deadline_ms / 1e3 if self.fallback is not None else (deadline_ms + cfg.deadline_grace_ms) / 1e3
+            if frame is None:
+                req = InferRequest(
+                    id=rid, model_id=self.model_id, model_hash=model_hash, cut_id=cut_id, tensors=tensors,
+                    deadline_ms=deadline_ms, compression=cfg.compression,
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                frame = await encode_request(req)
+                times["encode_ms"] = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            try:
+                result, worker = await pool.infer(rid, frame, timeout_s)
+            except CloudError as exc:
+                error = {"code": exc.code, "message": exc.message}
+                if exc.code not in ("overloaded", "internal"):
+                    break  # the request itself is bad: retrying will not help
+                continue
+            except CloudUnavailable as exc:
+                code = "deadline" if exc.timeout and cfg.deadline_ms is not None else exc.code
+                error = {"code": code, "message": exc.message}
+                if exc.timeout:
+                    break  # the deadline is used up
+                continue
+            round_trip_ms = (time.perf_counter() - t1) * 1e3
+            times["cloud_queue_ms"] = result.queue_ms
+            times["cloud_compute_ms"] = result.compute_ms
+            times["network_ms"] = max(0.0, round_trip_ms - result.queue_ms - result.compute_ms)
+            return dict(result.outputs), None, len(frame), worker.url
+        return {}, error, len(frame or b""), None
 
     async def run(self, requests: int, rate: float | None = None) -> dict[str, Any]:
         """``requests`` inputs one after another (rate None) or arriving every 1/rate s,

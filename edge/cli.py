@@ -30,7 +30,15 @@ async def run_agent(config: Any, requests: int, rate: float | None) -> dict[str,
 
 def edge_cmd(
     model: str = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function"),
-    cloud: Optional[str] = typer.Option(None, "--cloud", help="the cloud worker's URL, e.g. http://127.0.0.1:8470"),
+    cloud: Optional[list[str]] = typer.Option(None, "--cloud", help="a cloud worker's URL (repeatable); default: discover over mDNS"),
+    discover: Optional[bool] = typer.Option(None, "--discover/--no-discover", help="find workers over mDNS (default: when no --cloud)"),
+    interface: Optional[str] = typer.Option(None, "--interface", help="address to browse and advertise on"),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="model answering when the cloud cannot (default: the model's student)"),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="no local fallback: failures are errors"),
+    progressive: bool = typer.Option(False, "--progressive", help="answer from the fallback at once, refine with the cloud"),
+    confidence_exit: Optional[float] = typer.Option(None, "--confidence-exit", help="skip the cloud when the fallback's top-1 probability >= P"),
+    no_advertise: bool = typer.Option(False, "--no-advertise", help="do not announce this agent on mDNS / serve /status"),
+    wait_s: float = typer.Option(5.0, "--wait", help="seconds to wait for a first cloud worker at start"),
     cut: str = typer.Option("auto", "--cut", help="auto, edge, cloud, a cut index or tensor names joined by ','"),
     bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="uplink in Mbit/s for --cut auto (default: measured)"),
     rtt: Optional[float] = typer.Option(None, "--rtt", help="round trip in ms for --cut auto (default: measured)"),
@@ -46,17 +54,24 @@ def edge_cmd(
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig
 
-    if cloud is None:
-        raise UserError("--cloud URL is required (discovery of workers is not available yet)")
     if requests < 1:
         raise UserError(f"--requests must be at least 1, got {requests}")
     if rate is not None and not rate > 0:
         raise UserError(f"--rate must be positive, got {rate}")
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    clouds = tuple(cloud or ())
     config = AgentConfig(
         model=model,
-        cloud=cloud,
+        cloud=clouds[0] if clouds else None,
+        clouds=clouds[1:],
+        discover=(not clouds) if discover is None else discover,
+        interface=interface,
+        fallback=None if no_fallback else (fallback or default_fallback(model)),
+        progressive=progressive,
+        confidence_exit=confidence_exit,
+        advertise=not no_advertise,
+        start_wait_s=wait_s,
         token=token,
         cut=cut,
         bandwidth_mbit=bandwidth,
@@ -72,6 +87,17 @@ def edge_cmd(
         sys.stdout.flush()
         return
     _print_summary(summary, model, verify)
+
+
+def default_fallback(model: str) -> str | None:
+    """A built-in model's student (shipped weights where trained); none for user models."""
+    from splitinfer.students import student_arch, student_spec
+
+    try:
+        student_arch(model)
+    except UserError:
+        return None
+    return student_spec(model)
 
 
 def _ms(value: float | None) -> str:

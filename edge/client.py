@@ -34,7 +34,7 @@ from splitinfer.protocol import (
     encode_message,
 )
 
-__all__ = ["CloudClient", "CloudError", "CloudUnavailable", "OFFLOAD_BYTES", "normalize_url"]
+__all__ = ["CloudClient", "CloudError", "CloudUnavailable", "OFFLOAD_BYTES", "encode_request", "normalize_url"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,13 @@ def normalize_url(url: str) -> str:
 
 def _request_bytes(req: InferRequest) -> int:
     return sum(t.numel() * t.element_size() for t in req.tensors.values())
+
+
+async def encode_request(req: InferRequest) -> bytes:
+    """The request's frame; big ones are encoded in a worker thread."""
+    if _request_bytes(req) > OFFLOAD_BYTES:
+        return await asyncio.to_thread(encode_message, req)
+    return encode_message(req)
 
 
 class CloudClient:
@@ -169,10 +176,7 @@ class CloudClient:
 
     # -- inference over the socket -------------------------------------------------------
     async def encode(self, req: InferRequest) -> bytes:
-        """The request's frame; big ones are encoded in a worker thread."""
-        if _request_bytes(req) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(encode_message, req)
-        return encode_message(req)
+        return await encode_request(req)
 
     async def infer(self, req: InferRequest, timeout_s: float | None = None) -> InferResult:
         """Send one request over the WebSocket and wait for its answer."""

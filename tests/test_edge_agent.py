@@ -335,17 +335,26 @@ def test_cli_table_with_fixed_cut(cloud: str) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--cloud", "http://127.0.0.1:{port}"), "cannot reach the cloud at http://127.0.0.1:"),
+        (("--cloud", "http://127.0.0.1:{port}", "--no-fallback"), "cannot reach the cloud at http://127.0.0.1:"),
         (("--cloud", "{cloud}", "--cut", "9999"), "cut index 9999 out of range"),
         (("--cloud", "{cloud}", "-m", CUSTOM), "does not serve model"),
-        ((), "--cloud URL is required"),
+        (("--no-fallback", "--wait", "0.5", "--interface", "127.0.0.1"), "no usable cloud worker"),
     ],
 )
 def test_cli_user_errors_are_one_line(cloud: str, args: tuple[str, ...], message: str) -> None:
     filled = [a.format(port=free_port(), cloud=cloud) for a in args]
     if "-m" not in filled:
         filled = ["-m", "tinycnn", *filled]
-    proc = cli("edge", *filled, "--requests", "1")
+    proc = cli("edge", *filled, "--requests", "1", "--no-advertise")
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_cli_unreachable_cloud_is_answered_by_the_fallback() -> None:
+    proc = cli("edge", "-m", "tinycnn", "--cloud", f"http://127.0.0.1:{free_port()}", "--cut", "cloud",
+               "--requests", "4", "--wait", "0.5", "--no-advertise", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["answered"] == 4 and out["by_source"]["fallback"] == 4
+    assert all(r["reason"] == "cloud_unavailable" for r in out["records"])

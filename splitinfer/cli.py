@@ -362,12 +362,13 @@ def _register_service_commands() -> None:
     """Commands whose code lives with their service (cloud/, edge/)."""
     from splitinfer.cloud.cli import cloud_cmd
 
+    from splitinfer.edge.cli import edge_cmd
+    from splitinfer.simulations.cli import experiment_cmd, simulate_cmd
+
     app.command("cloud")(cloud_cmd)
-    try:
-        from splitinfer.edge.cli import edge_cmd
-    except ImportError:  # the edge agent is optional while it is being built
-        return
     app.command("edge")(edge_cmd)
+    app.command("simulate")(simulate_cmd)
+    app.command("experiment")(experiment_cmd)
 
 
 _register_service_commands()

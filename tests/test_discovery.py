@@ -68,3 +68,56 @@ async def test_two_workers_are_listed_and_a_stopped_one_disappears(cloud_process
         assert a.url in {p.url for p in browser.peers.values()}
     finally:
         await browser.stop()
+
+
+async def test_edge_discovers_fails_over_and_takes_up_new_workers(cloud_process) -> None:
+    import torch
+
+    from splitinfer.edge.agent import AgentConfig, EdgeAgent
+
+    first = cloud_process("--model", "tinycnn", "--interface", LO, advertise=True)
+    second = cloud_process("--model", "tinycnn", "--interface", LO, advertise=True)
+    cfg = AgentConfig(model="tinycnn", cut="cloud", discover=True, interface=LO, advertise=True,
+                      fallback="student:tinycnn", deadline_ms=500, start_wait_s=20, warmup=0)  # fmt: skip
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    async with EdgeAgent(cfg) as agent:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while len([w for w in agent.pool.workers.values() if w.usable]) < 2:
+            assert loop.time() < deadline, agent.pool.status()
+            await asyncio.sleep(0.05)
+        # ls sees both workers and this agent, with its model, cut and state
+        deadline = loop.time() + 20
+        while True:
+            listed = await asyncio.to_thread(ls_json, 2.0)
+            edges = [e for e in listed["edges"] if e.get("id") == agent.agent_id]
+            if edges and {first.url, second.url} <= {c["url"] for c in listed["clouds"]}:
+                break
+            assert loop.time() < deadline, listed
+        assert edges[0]["model"] == "tinycnn" and edges[0]["state"] == "cloud" and edges[0]["cut"] == "cloud-only"
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            status = await (await s.get(edges[0]["url"] + "/status")).json()
+        assert status["state"] == "cloud" and status["cloud"] in (first.url, second.url)
+
+        answers = []
+        in_use = (await agent.infer(x)).cloud_url
+        victim = first if in_use == first.url else second
+        survivor = second if victim is first else first
+        victim.kill()  # crash: its mDNS record may linger; health checks must not trust it
+        for _ in range(40):
+            answers.append(await agent.infer(x))
+        assert all(a.ok for a in answers)  # nothing lost
+        assert answers[-1].cloud_url == survivor.url
+        assert {a.cloud_url for a in answers[-20:]} == {survivor.url}
+
+        third = cloud_process("--model", "tinycnn", "--interface", LO, advertise=True)
+        started = loop.time()
+        while not any(w.url == third.url and w.usable for w in agent.pool.workers.values()):
+            assert loop.time() < started + 20, agent.pool.status()
+            await asyncio.sleep(0.02)
+        survivor.kill()
+        while (a := await agent.infer(x)).cloud_url != third.url:
+            assert a.ok and loop.time() < started + 30
+        assert a.ok

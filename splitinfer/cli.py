@@ -364,11 +364,15 @@ def _register_service_commands() -> None:
 
     from splitinfer.edge.cli import edge_cmd
     from splitinfer.simulations.cli import experiment_cmd, simulate_cmd
+    from splitinfer.training_cli import distill_cmd, evaluate_cmd, train_cmd
 
     app.command("cloud")(cloud_cmd)
     app.command("edge")(edge_cmd)
     app.command("simulate")(simulate_cmd)
     app.command("experiment")(experiment_cmd)
+    app.command("train")(train_cmd)
+    app.command("distill")(distill_cmd)
+    app.command("evaluate")(evaluate_cmd)
 
 
 _register_service_commands()

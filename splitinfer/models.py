@@ -1,7 +1,9 @@
 """Model registry and loader: built-in zoo names and user models behind one call.
 
 ``load_model(spec)`` takes a built-in name (``resnet18``), a file
-(``path/to/file.py:build``) or an importable module (``package.module:build``).
+(``path/to/file.py:build``) or an importable module (``package.module:build``);
+trained and derived models too: ``student:M``, ``int8:S`` and weights files
+``path/to/file.pt`` (see ``splitinfer.pretrained``).
 A user function takes no arguments and returns ``(nn.Module, example_input)``.
 Anything the user can get wrong ends in a one-line ``UserError``.
 """
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitinfer import zoo
+from splitinfer import pretrained, zoo
 from splitinfer.errors import UserError
 
 __all__ = [
@@ -102,6 +104,10 @@ _BUILTINS: dict[str, _Builtin] = {
         _Builtin(_imagenet("resnet50", "ResNet-50 v1.5: bottleneck residual blocks"), zoo.resnet50),
         _Builtin(_imagenet("mobilenet_v2", "MobileNetV2: inverted residuals, depthwise convs"), zoo.mobilenet_v2),
         _Builtin(ModelInfo("tinycnn", (3, 32, 32), 10, "Small residual CNN for 32x32 inputs (digits)"), zoo.tinycnn),
+        _Builtin(
+            ModelInfo("tinycnn-digits", (3, 32, 32), 10, "tinycnn trained on scikit-learn's digits (shipped weights)"),
+            pretrained.tinycnn_digits,
+        ),
     )
 }
 
@@ -119,12 +125,15 @@ def load_model(spec: str) -> LoadedModel:
         gen = torch.Generator().manual_seed(_INPUT_SEED)
         example = torch.randn((1, *builtin.info.input_shape), generator=gen)
         return LoadedModel(name=spec, module=module, example_input=example)
+    if pretrained.is_derived_spec(spec):
+        return pretrained.load_derived(spec)
 
     if ":" not in spec:
         names = ", ".join(_BUILTINS)
         raise UserError(
             f"unknown model {spec!r}: use a built-in name ({names}) "
             "or a user model as path/to/file.py:function or package.module:function"
+            " (or student:NAME, int8:SPEC, path/to/weights.pt)"
         )
     # rpartition: a Windows path ("C:\\m.py:build") has a colon of its own.
     target, _, func_name = spec.rpartition(":")

@@ -30,7 +30,7 @@ from splitinfer.models import (
 DATA = Path(__file__).parent / "data"
 CUSTOM_MODEL = DATA / "custom_model.py"
 
-BUILTIN_NAMES = ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "tinycnn"]
+BUILTIN_NAMES = ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "tinycnn", "tinycnn-digits"]
 
 # torchvision's parameter counts for the same architectures.
 TORCHVISION_PARAMS = {

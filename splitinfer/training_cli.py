@@ -1,0 +1,260 @@
+"""Command functions for ``splitinfer train``, ``distill`` and ``evaluate``.
+
+Plain functions with typer options, no app of their own: ``splitinfer.cli``
+registers them (``app.command("train")(train_cmd)``). Results go to stdout (a
+rich table, or one JSON object with ``--json``), progress to stderr. User
+mistakes raise ``UserError``, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["train_cmd", "distill_cmd", "evaluate_cmd"]
+
+_console = Console()
+_err_console = Console(stderr=True)
+
+_SPEC_HELP = "model spec: built-in name, student:NAME, int8:SPEC, path/to/weights.pt, or file.py:function"
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+def _bar(total: int, what: str) -> Progress:
+    bar = Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=_err_console,
+        transient=True,
+    )
+    bar.add_task(what, total=total, loss="-")
+    return bar
+
+
+def _default_out(model: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".pt") else model).strip("_.")
+    return Path(f"{stem or 'model'}-digits.pt")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+# ----------------------------------------------------------------------------- train
+def train_cmd(
+    model: str = typer.Option("tinycnn", "--model", "-m", help=_SPEC_HELP + " (its current weights are the start)"),
+    epochs: int = typer.Option(8, "--epochs", help="passes over the 1,438 training digits"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="weights file to write (default: MODEL-digits.pt)"),
+    lr: float = typer.Option(1e-2, "--lr", help="peak learning rate (AdamW, one-cycle schedule)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="images per step"),
+    seed: int = typer.Option(0, "--seed", help="seeds the batch order (and any randomness in training)"),
+    threads: int = typer.Option(1, "--threads", help="torch threads; 1 keeps the result bit-reproducible"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="use only this many training images"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Train a model on scikit-learn's digits (fixed 80/20 split) and write its weights."""
+    import torch
+
+    from splitinfer.models import weights_hash
+    from splitinfer.pretrained import architecture_spec, read_weights, save_weights, shipped_weights
+    from splitinfer.training import TrainConfig, train_teacher
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, max_train=max_train)
+    cfg.check()
+    arch = architecture_spec(model)
+    out = out or _default_out(model)
+    with _bar(epochs, f"training {model}") as bar:
+        lm, result = train_teacher(
+            model, cfg, progress=lambda e, loss, _s: bar.update(bar.task_ids[0], completed=e + 1, loss=f"{loss:.4f}")
+        )
+    h = weights_hash(lm.module)
+    meta = {
+        "kind": "trained",
+        "model": model,
+        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.data)",
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "threads": threads,
+        "max_train": max_train or 0,
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "torch": torch.__version__,
+        "command": f"splitinfer train --model {model} --epochs {epochs} --out {out}",
+    }
+    # Reproduced the shipped weights? Read before writing: --out may be the shipped file itself.
+    shipped = shipped_weights(f"{model}-digits")
+    same_as_shipped: bool | None = None
+    if shipped is not None:
+        ref = read_weights(shipped)
+        if ref.arch == arch and set(ref.state_dict) == set(lm.module.state_dict()):
+            same_as_shipped = all(torch.equal(ref.state_dict[k], v) for k, v in lm.module.state_dict().items())
+    save_weights(out, arch, lm.module, meta)
+    summary = {
+        "model": model,
+        "arch": arch,
+        "out": str(out),
+        "epochs": epochs,
+        "losses": [round(x, 6) for x in result.losses],
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "seconds": round(result.seconds, 2),
+        "weights_hash": h,
+        "same_as_shipped": same_as_shipped,
+    }
+    if json_out:
+        _emit_json(summary)
+        return
+    _console.print(
+        f"[bold]{model}[/] trained {epochs} epochs in {result.seconds:.1f} s: held-out accuracy "
+        f"[bold]{_pct(result.test_accuracy)}[/] (train {_pct(result.train_accuracy)}), "
+        f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.4f}"
+    )
+    _console.print(f"wrote {out} (arch {arch}, weights {h[:12]})")
+    if same_as_shipped is not None:
+        _console.print(f"identical to the shipped {shipped.name}: {'yes' if same_as_shipped else 'no'}")  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------- distill
+def distill_cmd(
+    teacher: str = typer.Option(..., "--teacher", "-t", help=_SPEC_HELP),
+    student: Optional[str] = typer.Option(
+        None, "--student", "-s", help="student spec (default: student:TEACHER's architecture, fresh init)"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="weights file to write"),
+    epochs: int = typer.Option(30, "--epochs", help="passes over the training digits"),
+    alpha: float = typer.Option(0.3, "--alpha", help="weight of the label loss; 1 - alpha weighs the teacher"),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", help="softmax temperature of both models"),
+    lr: float = typer.Option(2e-2, "--lr", help="peak learning rate (AdamW, one-cycle schedule)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="images per step"),
+    seed: int = typer.Option(0, "--seed", help="seeds the batch order"),
+    threads: int = typer.Option(1, "--threads", help="torch threads; 1 keeps the result bit-reproducible"),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="use only this many training images"),
+    max_test: Optional[int] = typer.Option(None, "--max-test", help="measure on only this many held-out images"),
+    int8: bool = typer.Option(False, "--int8", help="also quantize the student to int8 and report its accuracy"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Distill a teacher into a small student on digits: alpha*CE + (1-alpha)*T^2*KL."""
+    import torch
+
+    from splitinfer.models import weights_hash
+    from splitinfer.pretrained import architecture_spec, save_weights
+    from splitinfer.students import default_student
+    from splitinfer.training import DistillConfig, accuracy, distill
+
+    cfg = DistillConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, max_train=max_train,
+        max_test=max_test, alpha=alpha, temperature=temperature,
+    )  # fmt: skip
+    cfg.check()
+    student_spec = student or default_student(teacher)
+    arch = architecture_spec(student_spec)
+    with _bar(epochs, f"distilling {teacher} -> {student_spec}") as bar:
+        made = distill(
+            teacher, student_spec, cfg,
+            progress=lambda e, loss, _s: bar.update(bar.task_ids[0], completed=e + 1, loss=f"{loss:.4f}"),
+        )  # fmt: skip
+    lm, result, teacher_acc = made.student, made.result, made.teacher_accuracy
+    int8_acc: float | None = None
+    if int8:
+        from splitinfer.data import digits_dataset
+        from splitinfer.quantize import quantize_model
+
+        q = quantize_model(lm.module, lm.input_shape)
+        data = digits_dataset(lm.input_shape, max_train=1, max_test=max_test)
+        int8_acc = accuracy(q, data.x_test.contiguous(), data.y_test)
+    meta: dict[str, Any] = {
+        "kind": "distilled",
+        "teacher": teacher,
+        "teacher_hash": made.teacher_hash,
+        "teacher_accuracy": teacher_acc,
+        "student": student_spec,
+        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.data)",
+        "epochs": epochs,
+        "alpha": alpha,
+        "temperature": temperature,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "threads": threads,
+        "max_train": max_train or 0,
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "torch": torch.__version__,
+        "command": f"splitinfer distill --teacher {teacher} --out {out} --epochs {epochs}",
+    }
+    if int8_acc is not None:
+        meta["int8_test_accuracy"] = int8_acc
+    save_weights(out, arch, lm.module, meta)
+    summary = {
+        "teacher": teacher,
+        "student": student_spec,
+        "arch": arch,
+        "out": str(out),
+        "epochs": epochs,
+        "alpha": alpha,
+        "temperature": temperature,
+        "losses": [round(x, 6) for x in result.losses],
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": result.test_accuracy,
+        "int8_accuracy": int8_acc,
+        "seconds": round(result.seconds, 2),
+        "weights_hash": weights_hash(lm.module),
+    }
+    if json_out:
+        _emit_json(summary)
+        return
+    table = Table(title=f"distilled {teacher} -> {student_spec} ({epochs} epochs, {result.seconds:.1f} s)")
+    for col in ("model", "held-out accuracy"):
+        table.add_column(col)
+    table.add_row(f"teacher {teacher}", _pct(teacher_acc))
+    table.add_row(f"student {arch}", _pct(result.test_accuracy))
+    if int8_acc is not None:
+        table.add_row("student int8", _pct(int8_acc))
+    _console.print(table)
+    _console.print(f"wrote {out}: load it as a model spec (--model {out}, or int8:{out})")
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate_cmd(
+    model: list[str] = typer.Option(..., "--model", "-m", help=_SPEC_HELP + " (repeat for several)"),
+    threads: int = typer.Option(1, "--threads", help="torch threads for the latency (1: the edge)"),
+    max_test: Optional[int] = typer.Option(None, "--max-test", help="measure on only this many held-out images"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Held-out digits accuracy, size and batch-1 edge latency of models."""
+    from splitinfer.data import HELD_OUT_FRACTION, SPLIT_SEED
+    from splitinfer.training import evaluate
+
+    rows = [evaluate(spec, threads=threads, max_test=max_test) for spec in model]
+    if json_out:
+        _emit_json(
+            {
+                "data": {"name": "sklearn digits", "held_out_fraction": HELD_OUT_FRACTION, "split_seed": SPLIT_SEED},
+                "models": [{**asdict(r), "size_kb": round(r.size_kb, 1), "latency_ms": round(r.latency_ms, 4)} for r in rows],
+            }
+        )
+        return
+    table = Table(title=f"digits held-out accuracy, size and edge latency ({threads} thread(s), batch 1)")
+    for col in ("model", "accuracy", "params", "size KB", "latency ms"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        table.add_row(r.model, _pct(r.accuracy), f"{r.params:,}", f"{r.size_kb:.1f}", f"{r.latency_ms:.3f}")
+    _console.print(table)

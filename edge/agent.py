@@ -31,6 +31,9 @@ from splitinfer.edge.fallback import FallbackRunner, top1_confidence
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.edge.pool import CloudPool
 from splitinfer.edge.status import StatusPublisher
+from splitinfer.estimator import LinkEstimator
+from splitinfer.partitioner import CutPlan
+from splitinfer.policy import Adaptive, CutTable, Feedback, PolicyState
 from splitinfer.errors import UserError
 from splitinfer.graph import EDGE_ONLY
 from splitinfer.models import LoadedModel, load_model
@@ -228,6 +231,11 @@ class EdgeAgent:
         self.cut_info: dict[str, Any] = {}
         self.counters: dict[str, int] = {"requests": 0, "cloud": 0, "edge": 0, "fallback": 0, "errors": 0}
         self.state = "starting"  # cloud | fallback | edge: where answers come from now
+        self.policy: Adaptive | None = None  # --cut auto: re-cuts per request
+        self.switches = 0
+        self._waiting = 0  # requests waiting for or running their head on this edge
+        self._probing = False
+        self._background: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across agents and runs
         self.agent_id = self._prefix
@@ -294,6 +302,8 @@ class EdgeAgent:
             log.warning("no cloud worker usable yet: answering from the fallback until one is")
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         if self.status is not None:
             await self.status.stop()
             self.status = None
@@ -405,9 +415,14 @@ class EdgeAgent:
         link = Link(uplink_mbit=float(mbit), rtt_ms=float(rtt))  # type: ignore[arg-type]
         edge_prof, cloud_prof = profiles
         try:
-            plan = await asyncio.to_thread(lambda: Partitioner(edge_prof, cloud_prof).best(link))
+            table = await asyncio.to_thread(lambda: CutTable(Partitioner(edge_prof, cloud_prof)))
         except UserError as exc:
             raise UserError(f"cannot partition {runner.name}: {exc}") from None
+        # The adaptive policy re-cuts per request from here on, fed by live transfers.
+        estimator = LinkEstimator(initial_mbit=link.uplink_mbit, initial_rtt_ms=link.rtt_ms)
+        self.policy = Adaptive(table, estimator, rtt_ms=link.rtt_ms)
+        plan = self.policy.choose(time.monotonic())
+        self.policy.observe(Feedback(time.monotonic(), plan.id, 0, math.nan))  # the start-up choice sent nothing
         self.cut_id = runner.resolve_cut(plan.id)
         self.cut_info = {
             **runner.describe_cut(self.cut_id),
@@ -416,6 +431,7 @@ class EdgeAgent:
             "breakdown": plan.breakdown.to_json(),
             "link": {**link.to_json(), "measured": measured_link},
             "profiles": source,
+            "policy": "adaptive",
         }
 
     # -- inference -----------------------------------------------------------------------
@@ -430,7 +446,11 @@ class EdgeAgent:
         return cut_id
 
     def link_estimate(self) -> dict[str, Any] | None:
-        """The link the current cut was chosen for (None when the cut was given)."""
+        """The adaptive policy's current link estimate (else the link the cut was chosen for)."""
+        if self.policy is not None:
+            link = self.policy.estimated_link(time.monotonic())
+            if link is not None:
+                return {"uplink_mbit": round(link.uplink_mbit, 4), "rtt_ms": round(link.rtt_ms, 3), "estimated": True}
         link = self.cut_info.get("link")
         return dict(link) if isinstance(link, dict) else None
 
@@ -456,10 +476,21 @@ class EdgeAgent:
         runner = self.runner
         assert runner is not None, "the agent is not started: use `async with EdgeAgent(cfg) as agent`"
         cfg = self.config
-        cut_id = self.cut_id if cut is None else runner.resolve_cut(cut)
         rid = request_id or self.next_id()
         started = time.perf_counter()
         self.counters["requests"] += 1
+        plan = None
+        if cut is None and self.policy is not None:
+            self._maybe_probe()
+            plan = self.policy.choose(time.monotonic(), PolicyState(edge_waiting=self._waiting))
+            cut_id = runner.resolve_cut(plan.id)
+            if cut_id != self.cut_id:
+                self.cut_id = cut_id
+                self.switches += 1
+                if self.status is not None:
+                    self.status.changed()
+        else:
+            cut_id = self.cut_id if cut is None else runner.resolve_cut(cut)
 
         def elapsed_ms() -> float:
             return (time.perf_counter() - started) * 1e3
@@ -483,13 +514,22 @@ class EdgeAgent:
                             head_ms=head_ms, total_ms=elapsed_ms())  # fmt: skip
             return await self._finish(answer, x, reference)
 
-        why_not = self._cloud_refusal()
+        why_not = self._cloud_refusal(plan)
         if why_not is not None:
+            self._feedback(plan, 0, math.nan, 0.0, 0)
             return await self._answer_locally(rid, cut_id, x, started, why_not, early, reference)
 
-        tensors, head_ms = await runner.run_head(cut_id, x)
+        self._waiting += 1
+        try:
+            tensors, head_ms = await runner.run_head(cut_id, x)
+        finally:
+            self._waiting -= 1
         times: dict[str, float] = {"head_ms": head_ms}
         outputs, error, bytes_sent, url = await self._ask_cloud(rid, cut_id, tensors, started, times)
+        self._feedback(
+            plan, bytes_sent, math.nan if error is not None else times.get("network_ms", math.nan),
+            times.get("cloud_queue_ms", 0.0), sum(t.numel() * t.element_size() for t in outputs.values()),
+        )  # fmt: skip
         if error is not None:
             if self.fallback is not None:
                 return await self._answer_locally(rid, cut_id, x, started, error["code"], early, reference,
@@ -501,15 +541,52 @@ class EdgeAgent:
                         bytes_sent=bytes_sent, cloud_url=url, provisional=early, **times)  # fmt: skip
         return await self._finish(answer, x, reference)
 
-    def _cloud_refusal(self) -> str | None:
+    def _cloud_refusal(self, plan: CutPlan | None) -> str | None:
         """Why this request should not even try the cloud (None: try it)."""
         if self.pool is None or self.pool.best() is None:
             return "cloud_unavailable"
         deadline = self.config.deadline_ms
         predicted = self.cut_info.get("predicted_ms")
+        if plan is not None and self.policy is not None:
+            link = self.policy.estimated_link(time.monotonic())
+            predicted = self.policy.table.predicted_ms(plan, link) if link is not None else None
         if deadline is not None and predicted is not None and predicted > deadline:
             return "predicted_over_deadline"
         return None
+
+    def _feedback(self, plan: CutPlan | None, sent: int, network_ms: float, queue_ms: float, returned: int) -> None:
+        """Tell the adaptive policy what a split request's transfer showed (nan: failed)."""
+        if self.policy is None or plan is None or plan.id == EDGE_ONLY:
+            return
+        self.policy.observe(Feedback(time.monotonic(), plan.id, sent, network_ms, queue_ms, return_bytes=returned))
+
+    def _maybe_probe(self) -> None:
+        """When the policy has heard nothing from the link for a while (edge-only), probe it
+        lightly in the background; requests do not wait for it."""
+        assert self.policy is not None
+        best = self.pool.best() if self.pool else None
+        now = time.monotonic()
+        if best is None or self._probing or not self.policy.needs_probe(now):
+            return
+        nbytes = self.policy.probe_bytes()
+        self.policy.probe_sent(now, nbytes)
+        self._probing = True
+
+        async def probe() -> None:
+            started = time.perf_counter()
+            try:
+                await best.client.post_probe(nbytes)
+                ms = (time.perf_counter() - started) * 1e3
+            except (CloudUnavailable, CloudError):
+                ms = math.nan
+            finally:
+                self._probing = False
+            assert self.policy is not None
+            self.policy.observe(Feedback(time.monotonic(), "", nbytes, ms, probe=True))
+
+        task = asyncio.get_running_loop().create_task(probe())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _answer_locally(
         self,
@@ -636,7 +713,7 @@ class EdgeAgent:
                     await asyncio.sleep(delay)  # open loop: arrivals do not wait for answers
                 tasks.append(asyncio.create_task(self.infer(x, reference=ref)))
             answers = list(await asyncio.gather(*tasks))
-        return summarize(answers, dict(self.cut_info))
+        return summarize(answers, {**self.cut_info, "switches": self.switches} if self.policy else dict(self.cut_info))
 
 
 def _compare(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

@@ -327,20 +327,8 @@ class CloudClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CloudError(ErrorCode.BAD_MESSAGE, f"malformed profile from {self.url}: {type(exc).__name__}: {exc}") from None
 
-    async def probe(self, nbytes: int = 1_000_000) -> tuple[float, float]:
-        """Estimate the link: (RTT in ms, uplink in Mbit/s).
-
-        RTT is the median of a few /healthz round trips on a warm connection; the uplink is
-        ``nbytes`` POSTed to /v1/probe, timed, less one RTT."""
-        if nbytes < 1:
-            raise ValueError("nbytes must be positive")
-        await self.health()  # warm the connection: TCP set-up is not part of the RTT
-        rtts = []
-        for _ in range(_HEALTH_PINGS):
-            start = time.perf_counter()
-            await self.health()
-            rtts.append((time.perf_counter() - start) * 1e3)
-        rtt_ms = statistics.median(rtts)
+    async def post_probe(self, nbytes: int) -> float:
+        """POST nbytes to /v1/probe (the worker discards them); the round trip in ms."""
         payload = bytes(nbytes)
         start = time.perf_counter()
         try:
@@ -356,6 +344,23 @@ class CloudClient:
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if status >= 400:
             raise _http_error(status, ctype, data, self.url + "/v1/probe")
+        return elapsed_ms
+
+    async def probe(self, nbytes: int = 1_000_000) -> tuple[float, float]:
+        """Estimate the link: (RTT in ms, uplink in Mbit/s).
+
+        RTT is the median of a few /healthz round trips on a warm connection; the uplink is
+        ``nbytes`` POSTed to /v1/probe, timed, less one RTT."""
+        if nbytes < 1:
+            raise ValueError("nbytes must be positive")
+        await self.health()  # warm the connection: TCP set-up is not part of the RTT
+        rtts = []
+        for _ in range(_HEALTH_PINGS):
+            start = time.perf_counter()
+            await self.health()
+            rtts.append((time.perf_counter() - start) * 1e3)
+        rtt_ms = statistics.median(rtts)
+        elapsed_ms = await self.post_probe(nbytes)
         # Less the round trip that any exchange pays; never below a tenth of the total,
         # so a noisy RTT cannot produce an absurd bandwidth.
         transfer_ms = max(elapsed_ms - rtt_ms, elapsed_ms / 10, 1e-3)

@@ -274,7 +274,7 @@ async def test_deadline_and_overload() -> None:
     w = await start_worker(max_batch=64, max_wait_ms=400.0, max_queue=4)
     try:
         async with aiohttp.ClientSession() as s:
-            late = encode_message(FIX.request("late", deadline_ms=5.0))
+            late = encode_message(FIX.request("late", deadline_ms=0.01))  # gone before any batch can run
             status, msg = await post(s, w.url, late)
             assert (status, str(msg.code)) == (504, "deadline_exceeded")
             bodies = [encode_message(FIX.request(f"o{i}")) for i in range(10)]

@@ -365,6 +365,7 @@ class EdgeAgent:
 
     async def _choose_auto(self) -> None:
         """Partition on the bundled profiles (or fresh ones) and the given or probed link."""
+        from splitinfer.bench_compression import model_codec_cost
         from splitinfer.partitioner import Partitioner
         from splitinfer.profiler import profile_model
 
@@ -415,7 +416,9 @@ class EdgeAgent:
         link = Link(uplink_mbit=float(mbit), rtt_ms=float(rtt))  # type: ignore[arg-type]
         edge_prof, cloud_prof = profiles
         try:
-            table = await asyncio.to_thread(lambda: CutTable(Partitioner(edge_prof, cloud_prof)))
+            # compressed activations: the cost model counts their measured bytes and codec time
+            codec = await asyncio.to_thread(model_codec_cost, runner.loaded, cfg.compression)
+            table = await asyncio.to_thread(lambda: CutTable(Partitioner(edge_prof, cloud_prof, codec)))
         except UserError as exc:
             raise UserError(f"cannot partition {runner.name}: {exc}") from None
         # The adaptive policy re-cuts per request from here on, fed by live transfers.

@@ -163,16 +163,25 @@ def partition_cmd(
     rtt: float = typer.Option(20.0, "--rtt", help="round-trip time, ms"),
     downlink: Optional[float] = typer.Option(None, "--downlink", help="downlink, Mbit/s (default: the uplink)"),
     envelope: bool = typer.Option(False, "--envelope", help="also list the cuts optimal for 0.05..10000 Mbit/s"),
+    compression: str = typer.Option("none", "--compression", help="activations on the wire: none, fp16, int8 (+lz4/zstd): measured bytes and codec time count"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Choose the cut with the lowest predicted latency for a link."""
+    from splitinfer.bench_compression import model_codec_cost
+    from splitinfer.codec import parse_compression
     from splitinfer.costmodel import Link
+    from splitinfer.models import load_model
     from splitinfer.partitioner import Partitioner
 
     link = Link(uplink_mbit=bandwidth, rtt_ms=rtt, downlink_mbit=downlink)
+    try:
+        parse_compression(compression)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     edge, cloud = _load_checked_profiles(model, edge_profile, cloud_profile)
+    codec = model_codec_cost(load_model(model), compression)
     started = time.perf_counter()
-    plan = Partitioner(edge, cloud).plan(link, envelope=envelope)
+    plan = Partitioner(edge, cloud, codec).plan(link, envelope=envelope)
     elapsed_ms = (time.perf_counter() - started) * 1e3
     if json_out:
         d = plan.to_json()
@@ -319,6 +328,42 @@ def bench_codec_cmd(
         table.add_column(col)
     for r in result["results"]:
         table.add_row(r["codec"], str(r["mb"]), f"{r['encode_gbps']:.2f}", f"{r['decode_gbps']:.2f}")
+    console.print(table)
+
+
+@bench_app.command("compression")
+def bench_compression_cmd(
+    model: str = typer.Option("tinycnn-digits", "--model", "-m", help="model (digits-trained ones are scored on held-out digits)"),
+    cuts: int = typer.Option(4, "--cuts", help="cuts to measure, spread along the model"),
+    samples: int = typer.Option(128, "--samples", help="inputs per measurement"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Bytes saved, codec time and top-1 agreement of fp16/int8 (+lz4/zstd) activations."""
+    from splitinfer.bench_compression import run_compression_bench
+    from splitinfer.models import load_model
+
+    _positive("--cuts", cuts)
+    _positive("--samples", samples)
+    lm = load_model(model)
+    labels = None
+    if lm.name.endswith("digits"):
+        from splitinfer.data import digits_dataset
+
+        data = digits_dataset(lm.input_shape)
+        inputs, labels = data.x_test[:samples], data.y_test[:samples]
+    else:
+        inputs = lm.example_batch(samples)
+    result = run_compression_bench(lm, inputs, cuts=cuts, labels=labels)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['model']}: activation compression on {result['samples']} inputs")
+    for col in ("cut", "compression", "wire bytes", "ratio", "enc ms", "dec ms", "top-1 agree", "accuracy"):
+        table.add_column(col, justify="left" if col in ("cut", "compression") else "right")
+    for r in result["results"]:
+        table.add_row(f"{r['index']} {r['cut'][:24]}", r["compression"], f"{r['wire_bytes']:,}", f"{r['ratio']:.3f}",
+                      f"{r['encode_ms']:.2f}", f"{r['decode_ms']:.2f}", f"{r['top1_agreement']:.3f}",
+                      f"{r['accuracy']:.3f}" if "accuracy" in r else "-")
     console.print(table)
 
 

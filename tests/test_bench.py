@@ -35,3 +35,30 @@ def test_bench_cloud_json() -> None:
         if not r["batching"]:
             assert r["mean_batch"] == 1
     assert out["cut"]["index"] > 0 and out["speedup_at_max_concurrency"] > 0
+
+
+def test_bench_compression_on_digits() -> None:
+    out = run_json("bench", "compression", "--cuts", "2", "--samples", "64")
+    rows = out["results"]
+    assert out["model"] == "tinycnn-digits" and out["reference_accuracy"] > 0.9
+    by = {(r["index"], r["compression"]): r for r in rows}
+    for (index, comp), r in by.items():
+        none = by[(index, "none")]
+        if comp.startswith("fp16"):
+            assert r["wire_bytes"] < 0.6 * none["wire_bytes"]
+        if comp.startswith("int8"):
+            assert r["wire_bytes"] < 0.3 * none["wire_bytes"]
+        assert r["top1_agreement"] >= 0.95  # digits survive fp16 and int8 activations
+        assert 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_codec_cost_counts_compressed_bytes() -> None:
+    import torch
+
+    from splitinfer.bench_compression import codec_cost
+
+    sample = {"a": torch.relu(torch.randn(1, 64, 28, 28))}
+    assert codec_cost("none", sample).size_ratio == 1.0
+    assert abs(codec_cost("fp16", sample).size_ratio - 0.5) < 0.01
+    int8 = codec_cost("int8", sample)
+    assert 0.2 < int8.size_ratio < 0.3 and int8.encode_ms_per_mb > 0

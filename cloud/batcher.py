@@ -12,11 +12,12 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from splitinfer.cloud.registry import Tail
+from splitinfer.split import outputs_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,13 @@ class Overloaded(Exception):
     pass
 
 
-def _outputs_dict(out: Any) -> dict[str, torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    if isinstance(out, (tuple, list)):
-        return {f"output_{i}": t for i, t in enumerate(out)}
-    if isinstance(out, dict):
-        return {str(k): v for k, v in out.items()}
-    raise TypeError(f"tail returned {type(out).__name__}, not tensors")
-
-
 def run_batch(tail: Tail, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
     """Concatenate the jobs' inputs along dim 0, run the tail once, split the outputs."""
     with torch.inference_mode():
         if len(jobs) == 1:
-            return [_outputs_dict(tail.split.run_tail(jobs[0].tensors))]
+            return [outputs_dict(tail.split.run_tail(jobs[0].tensors))]
         merged = {s.name: torch.cat([j.tensors[s.name] for j in jobs]) for s in tail.inputs}
-        outputs = _outputs_dict(tail.split.run_tail(merged))
+        outputs = outputs_dict(tail.split.run_tail(merged))
         sizes = [j.batch for j in jobs]
         parts = {k: torch.split(v, sizes) for k, v in outputs.items()}
         # clone: a view would keep the whole batch's storage alive and be encoded with it

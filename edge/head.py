@@ -21,7 +21,7 @@ import torch.fx as fx
 from splitinfer.errors import UserError
 from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture
 from splitinfer.models import LoadedModel, weights_hash
-from splitinfer.split import SplitModel, split_model
+from splitinfer.split import SplitModel, outputs_dict, split_model
 
 __all__ = ["HeadRunner", "outputs_dict", "EDGE_OUTPUT"]
 
@@ -29,17 +29,6 @@ log = logging.getLogger(__name__)
 
 EDGE_OUTPUT = "__output__"  # the key an edge-only head returns the model's output under
 T = TypeVar("T")
-
-
-def outputs_dict(out: Any) -> dict[str, torch.Tensor]:
-    """A model's output as named tensors, named the way the cloud worker names them."""
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    if isinstance(out, (tuple, list)):
-        return {f"output_{i}": t for i, t in enumerate(out)}
-    if isinstance(out, dict):
-        return {str(k): v for k, v in out.items()}
-    raise TypeError(f"the model returned {type(out).__name__}, not tensors")
 
 
 def _init_torch_thread(threads: int | None) -> None:

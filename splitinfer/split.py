@@ -96,6 +96,17 @@ def split_model(gm: fx.GraphModule, graph: Graph, head: frozenset[str]) -> Split
     return SplitModel(cut_id, crossing, head_gm, tail_gm, placeholders)
 
 
+def outputs_dict(out: Any) -> dict[str, torch.Tensor]:
+    """A model's output as named tensors: how results are named on the wire and in records."""
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    if isinstance(out, (tuple, list)):
+        return {f"output_{i}": t for i, t in enumerate(out)}
+    if isinstance(out, dict):
+        return {str(k): v for k, v in out.items()}
+    raise TypeError(f"the model returned {type(out).__name__}, not tensors")
+
+
 def max_abs_diff(a: Any, b: Any) -> float:
     """Largest absolute difference between two outputs (tensors or nested tuples/lists/dicts)."""
     if isinstance(a, torch.Tensor):

@@ -367,6 +367,34 @@ def bench_compression_cmd(
     console.print(table)
 
 
+@bench_app.command("confidence")
+def bench_confidence_cmd(
+    levels: str = typer.Option("none,0.5,0.9,0.99,0.999", "--p", help="confidence-exit thresholds (none: always the cloud)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="held-out digits to use (default: all 359)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Accuracy, latency and cloud traffic of --confidence-exit P on held-out digits."""
+    from splitinfer.bench_confidence import run_confidence_bench
+
+    try:
+        parsed = tuple(None if v.strip() == "none" else float(v) for v in levels.split(","))
+    except ValueError:
+        raise UserError(f"--p must be comma-separated numbers or none, got {levels!r}") from None
+    if any(p is not None and not 0 < p <= 1 for p in parsed):
+        raise UserError("--p values must be in (0, 1]")
+    result = run_confidence_bench(levels=parsed, samples=samples)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['model']} with fallback {result['fallback']}, {result['samples']} held-out digits")
+    for col in ("P", "accuracy", "mean ms", "p95 ms", "to the cloud", "bytes/request"):
+        table.add_column(col, justify="right")
+    for r in result["results"]:
+        table.add_row("none" if r["p"] is None else f"{r['p']:g}", f"{r['accuracy']:.4f}", f"{r['mean_ms']:.2f}",
+                      f"{r['p95_ms']:.2f}", f"{100 * r['cloud_share']:.1f}%", f"{r['bytes_per_request']:,.0f}")
+    console.print(table)
+
+
 @bench_app.command("cloud")
 def bench_cloud_cmd(
     model: str = ModelOpt,

@@ -62,3 +62,11 @@ def test_codec_cost_counts_compressed_bytes() -> None:
     assert abs(codec_cost("fp16", sample).size_ratio - 0.5) < 0.01
     int8 = codec_cost("int8", sample)
     assert 0.2 < int8.size_ratio < 0.3 and int8.encode_ms_per_mb > 0
+
+
+def test_bench_confidence_trades_cloud_traffic() -> None:
+    out = run_json("bench", "confidence", "--p", "none,0.5,1.0", "--samples", "20")
+    by = {r["p"]: r for r in out["results"]}
+    assert by[None]["cloud_share"] == 1.0 and by[1.0]["cloud_share"] == 1.0
+    assert by[0.5]["cloud_share"] < 1.0 and by[0.5]["bytes_per_request"] < by[None]["bytes_per_request"]
+    assert all(0.8 <= r["accuracy"] <= 1.0 for r in out["results"])

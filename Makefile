@@ -17,14 +17,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 setup: $(BIN)/.installed
 
-# Until `splitinfer demo` exists (issue 8): profile resnet18 as an edge (1 thread) and a
-# cloud (2 threads), and print the plan for a 4G uplink with the bandwidth envelope.
+# A cloud worker and an edge agent on this machine (network namespaces + tc when root),
+# a changing link, an outage and a recovery; a summary table and out/demo-timeline.png.
 demo: setup
-	mkdir -p out
-	$(BIN)/splitinfer profile --model resnet18 --threads 1 --out out/resnet18-edge.json
-	$(BIN)/splitinfer profile --model resnet18 --threads 2 --out out/resnet18-cloud.json
-	$(BIN)/splitinfer partition --model resnet18 --edge-profile out/resnet18-edge.json \
-		--cloud-profile out/resnet18-cloud.json --bandwidth 5.85 --rtt 20 --envelope
+	$(BIN)/splitinfer demo
 
 test: setup
 	$(BIN)/python -m pytest -q

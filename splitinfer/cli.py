@@ -437,6 +437,7 @@ def _register_service_commands() -> None:
 
     from splitinfer.edge.cli import edge_cmd
     from splitinfer.simulations.cli import experiment_cmd, simulate_cmd
+    from splitinfer.demo import demo_cmd
     from splitinfer.training_cli import distill_cmd, evaluate_cmd, train_cmd
 
     app.command("cloud")(cloud_cmd)
@@ -446,6 +447,7 @@ def _register_service_commands() -> None:
     app.command("train")(train_cmd)
     app.command("distill")(distill_cmd)
     app.command("evaluate")(evaluate_cmd)
+    app.command("demo")(demo_cmd)
 
 
 _register_service_commands()

@@ -72,6 +72,8 @@ class AgentConfig:
     deadline_grace_ms: float = 250.0  # past the deadline, how long to wait for the cloud's own verdict
     probe_bytes: int = 1_000_000  # payload POSTed to estimate the uplink
     measure_profiles: bool = False  # "auto": profile here and ask the cloud, even when partitions/<model>/ has profiles
+    edge_profile: str | None = None  # "auto": partition on these profile files (both or neither) instead of the bundled ones,
+    cloud_profile: str | None = None  # e.g. an edge profile scaled K x slower for an emulated slow device
     warmup: int = 1  # untimed requests run() sends first, so the cloud builds its tail before timing starts
     fallback: str | None = None  # model spec answering when the cloud cannot (None: no fallback)
     progressive: bool = False  # answer from the fallback at once, then refine with the cloud's answer
@@ -99,6 +101,8 @@ class AgentConfig:
             raise UserError(f"confidence exit must be in (0, 1], got {self.confidence_exit}")
         if (self.progressive or self.confidence_exit is not None) and self.fallback is None:
             raise UserError("--progressive and --confidence-exit need a fallback model")
+        if (self.edge_profile is None) != (self.cloud_profile is None):
+            raise UserError("give both --edge-profile and --cloud-profile, or neither")
 
     @property
     def cloud_urls(self) -> tuple[str, ...]:
@@ -375,6 +379,12 @@ class EdgeAgent:
         graph_fp = runner.graph.fingerprint()
         profiles = None if cfg.measure_profiles else _bundled_profiles(runner.name)
         source = "bundled"
+        if cfg.edge_profile is not None and cfg.cloud_profile is not None:
+            files = (cfg.edge_profile, cfg.cloud_profile)
+            profiles = await asyncio.to_thread(lambda: (Profile.load(files[0]), Profile.load(files[1])))
+            source = "given"
+            if not all(p.graph.fingerprint() == graph_fp for p in profiles):
+                raise UserError(f"the given profiles are not of {runner.name}'s graph")
         if profiles is not None and not all(p.graph.fingerprint() == graph_fp for p in profiles):
             log.warning("bundled profiles of %s do not match the model; measuring instead", runner.name)
             profiles = None

@@ -49,6 +49,8 @@ def edge_cmd(
     verify: bool = typer.Option(False, "--verify", help="also run the full model here and report max abs diff"),
     token: Optional[str] = typer.Option(None, "--token", envvar="SPLITINFER_TOKEN", help="bearer token of the worker"),
     threads: int = typer.Option(1, "--threads", help="torch threads for the head (the edge's cores)"),
+    edge_profile: Optional[str] = typer.Option(None, "--edge-profile", help="--cut auto: partition on this edge profile JSON (with --cloud-profile) instead of the bundled one"),
+    cloud_profile: Optional[str] = typer.Option(None, "--cloud-profile", help="--cut auto: the cloud profile JSON to go with --edge-profile"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
@@ -80,6 +82,8 @@ def edge_cmd(
         compression=compression,
         verify=verify,
         threads=threads,
+        edge_profile=edge_profile,
+        cloud_profile=cloud_profile,
     )
     summary = asyncio.run(run_agent(config, requests, rate))
     if json_out:

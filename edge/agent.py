@@ -539,10 +539,10 @@ class EdgeAgent:
             self._waiting -= 1
         times: dict[str, float] = {"head_ms": head_ms}
         outputs, error, bytes_sent, url = await self._ask_cloud(rid, cut_id, tensors, started, times)
-        self._feedback(
-            plan, bytes_sent, math.nan if error is not None else times.get("network_ms", math.nan),
-            times.get("cloud_queue_ms", 0.0), sum(t.numel() * t.element_size() for t in outputs.values()),
-        )  # fmt: skip
+        # A timed-out transfer still teaches the policy something: it took at least that long.
+        network_ms = times.pop("waited_ms", math.nan) if error is not None else times.get("network_ms", math.nan)
+        returned = sum(t.numel() * t.element_size() for t in outputs.values())
+        self._feedback(plan, bytes_sent, network_ms, times.get("cloud_queue_ms", 0.0), returned)
         if error is not None:
             if self.fallback is not None:
                 return await self._answer_locally(rid, cut_id, x, started, error["code"], early, reference,
@@ -687,6 +687,7 @@ class EdgeAgent:
                 code = "deadline" if exc.timeout and cfg.deadline_ms is not None else exc.code
                 error = {"code": code, "message": exc.message}
                 if exc.timeout:
+                    times["waited_ms"] = (time.perf_counter() - t1) * 1e3
                     break  # the deadline is used up
                 continue
             round_trip_ms = (time.perf_counter() - t1) * 1e3

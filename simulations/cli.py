@@ -1,7 +1,8 @@
-"""`splitinfer simulate` and `splitinfer experiment`: command functions, registered on the
-main app by splitinfer.cli (``app.command("simulate")(simulate_cmd)``,
-``app.command("experiment")(experiment_cmd)``). Thin layers over the simulator and the
-experiment runner; user mistakes raise UserError (one line, exit code 2)."""
+"""`splitinfer simulate`, `splitinfer emulate` and `splitinfer experiment`: command functions,
+registered on the main app by splitinfer.cli (``app.command("simulate")(simulate_cmd)``,
+``app.command("emulate")(emulate_cmd)``, ``app.command("experiment")(experiment_cmd)``).
+Thin layers over the simulator, the emulation and the experiment runner; user mistakes
+raise UserError (one line, exit code 2)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from splitinfer.errors import UserError
 
-__all__ = ["experiment_cmd", "simulate_cmd"]
+__all__ = ["emulate_cmd", "experiment_cmd", "simulate_cmd"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,72 @@ def simulate_cmd(
         _err.print(f"plot written to {plot}")
 
 
+def emulate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="model name (as for splitinfer edge)"),
+    trace: Optional[str] = typer.Option(None, "--trace", help="trace file, bundled trace (bus, metro, ...) or preset (cat1, 3g, 4g, wifi), replayed live"),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="a constant uplink, Mbit/s (instead of --trace)"),
+    rtt: float = typer.Option(20.0, "--rtt", help="round-trip time added by the delay line, ms (a trace's own RTT column wins)"),
+    loss: float = typer.Option(0.0, "--loss", help="packet loss probability in each direction (delay line), 0..1"),
+    cut: str = typer.Option("auto", "--cut", help="auto (the adaptive policy, estimating the link itself), edge, cloud or a cut index"),
+    requests: int = typer.Option(20, "--requests", "-n", help="timed requests (after one warm-up)"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="arrivals per second, open loop (default: one after another)"),
+    edge_slowdown: float = typer.Option(1.0, "--edge-slowdown", help="the edge process K times slower than one CPU (cgroup cpu quota)"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="end-to-end budget per request"),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="play the trace this many times faster"),
+    seed: int = typer.Option(0, "--seed", help="seed of the loss model"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Real processes over an emulated link: cloud worker and edge agent in network namespaces,
+    tc tbf replaying the trace, a TUN delay line for RTT and loss, a cgroup for a slow edge."""
+    from splitinfer.simulations.emulate import emulate, emulation_unavailable, time_scaled
+    from splitinfer.simulations.netns import install_signal_cleanup
+    from splitinfer.simulations.traces import load_trace
+
+    if (trace is None) == (bandwidth is None):
+        raise UserError("give exactly one of --trace and --bandwidth")
+    for name, value in (("--bandwidth", bandwidth), ("--rate", rate), ("--deadline-ms", deadline_ms),
+                        ("--time-scale", time_scale)):  # fmt: skip
+        _check_positive(name, value)
+    if not edge_slowdown >= 1.0:
+        raise UserError(f"--edge-slowdown must be >= 1 (the edge can only be slowed down), got {edge_slowdown:g}")
+    if requests < 1:
+        raise UserError(f"--requests must be at least 1, got {requests}")
+    if not rtt >= 0:
+        raise UserError(f"--rtt must be >= 0, got {rtt:g}")
+    if not 0.0 <= loss < 1.0:
+        raise UserError(f"--loss must be in [0, 1), got {loss:g}")
+    link = time_scaled(load_trace(trace), time_scale) if trace is not None else None
+    why = emulation_unavailable(edge_slowdown)
+    if why:
+        raise UserError(why)
+    install_signal_cleanup()
+    progress = (lambda msg: _err.print(msg, highlight=False)) if not json_out else None
+    result = emulate(model, trace=link, bandwidth_mbit=bandwidth, rtt_ms=rtt, loss=loss, cut=cut, requests=requests,
+                     rate_per_s=rate, edge_slowdown=edge_slowdown, deadline_ms=deadline_ms, seed=seed,
+                     progress=progress)  # fmt: skip
+    if json_out:
+        _emit_json(result)
+        return
+    lk, emu = result["link"], result["emulation"]
+    where = f"trace {lk['trace']['name']} (mean {lk['trace']['mean_mbit']:.2f} Mbit/s)" if lk["trace"] else f"{lk['bandwidth_mbit']:g} Mbit/s"
+    cutinfo = result["cut"]
+    table = Table(title=f"{model} emulated: {where}, RTT {lk['rtt_ms']:g} ms, loss {lk['loss']:g}, edge x{emu['edge_slowdown']:g}, "
+                        f"cut {cutinfo.get('kind', cutinfo.get('id'))} ({cutinfo.get('chosen_by')})")  # fmt: skip
+    for col in ("answered", "errors", "cloud", "edge", "fallback", "mean ms", "p50 ms", "p95 ms", "max ms", "switches"):
+        table.add_column(col, justify="right", no_wrap=True)
+    lat = result["latency_ms"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    src = result["by_source"]
+    table.add_row(f"{result['answered']}/{result['requests']}", str(result["errors"]), str(src.get("cloud", 0)), str(src.get("edge", 0)),
+                  str(src.get("fallback", 0)), ms(lat["mean"]), ms(lat["p50"]), ms(lat["p95"]), ms(lat["max"]),
+                  str(cutinfo.get("switches", 0)))  # fmt: skip
+    _console.print(table)
+    _err.print(f"bandwidth: {lk['shaper']}; delay and loss: {lk['delay']}", highlight=False)
+
+
 def experiment_cmd(
     name: str = typer.Argument(..., help="adaptive (policies vs the oracle), estimators or hysteresis"),
     traces: Optional[str] = typer.Option(None, "--traces", help="a folder of .tsv traces, or names/files, comma-separated (default: every bundled trace)"),
@@ -147,15 +214,16 @@ def experiment_cmd(
     emulate: bool = typer.Option(False, "--emulate", help="run on the real system (network namespaces) instead of the simulator"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for results.json, results.md and plots"),
-    rate: float = typer.Option(1.0, "--rate", help="requests per second"),
-    requests: Optional[int] = typer.Option(None, "--requests", help="requests per cell (default: one pass of the trace)"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="requests per second (default 1; 0.25 with --emulate)"),
+    requests: Optional[int] = typer.Option(None, "--requests", help="requests per cell (default: one pass of the trace; 30 with --emulate)"),
     rtt: float = typer.Option(20.0, "--rtt", help="round-trip time, ms"),
     bandwidth_scale: float = typer.Option(1.0, "--bandwidth-scale", help="multiply every trace's bandwidth (5: 3G traces at LTE-like rates)"),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="folder with <model>/edge.json, cloud.json (default: bundled)"),
     obs_noise: float = typer.Option(0.0, "--obs-noise", help="log-normal sigma of the noise on each observed transfer time"),
     seed: int = typer.Option(0, "--seed"),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="play every trace this many times faster (simulator and emulation alike)"),
 ) -> None:
-    """Policies x traces x models on the simulator, against the oracle."""
+    """Policies x traces x models on the simulator (--emulate: on the real system), against the oracle."""
     from splitinfer.simulations.experiment import (
         ExperimentConfig,
         adaptive_markdown,
@@ -167,10 +235,13 @@ def experiment_cmd(
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}: use one of {', '.join(EXPERIMENTS)}")
-    if emulate:
-        raise UserError("--emulate needs the emulation module (not built yet)")
-    for label, value in (("--edge-slowdown", edge_slowdown), ("--rate", rate), ("--bandwidth-scale", bandwidth_scale)):
+    if emulate and name != "adaptive":
+        raise UserError(f"--emulate runs the adaptive experiment only, not {name!r}")
+    for label, value in (("--edge-slowdown", edge_slowdown), ("--rate", rate), ("--bandwidth-scale", bandwidth_scale),
+                         ("--time-scale", time_scale)):  # fmt: skip
         _check_positive(label, value)
+    if time_scale != 1.0 and not emulate:
+        raise UserError("--time-scale goes with --emulate (the simulator has no wall clock to save)")
     if requests is not None and requests < 1:
         raise UserError(f"--requests must be at least 1, got {requests}")
     if not rtt >= 0:
@@ -183,9 +254,35 @@ def experiment_cmd(
     if profiles is not None and not profiles.is_dir():
         raise UserError(f"--profiles must be a folder: {profiles}")
     trace_list = resolve_traces(traces)
-    cfg = ExperimentConfig(rate_per_s=rate, requests=requests, rtt_ms=rtt, seed=seed, bandwidth_scale=bandwidth_scale,
-                           obs_noise=obs_noise)  # fmt: skip
     progress = (lambda msg: _err.print(msg, highlight=False)) if not json_out else None
+    if emulate:
+        from splitinfer.simulations.emulate import emulation_unavailable
+        from splitinfer.simulations.experiment import EMULATE_RATE, EMULATE_REQUESTS, emulated_markdown, run_emulated_experiment
+        from splitinfer.simulations.netns import install_signal_cleanup
+
+        if traces is None:
+            raise UserError("--emulate needs --traces (each cell runs in real time: every bundled trace would take hours)")
+        if not edge_slowdown >= 1.0:
+            raise UserError(f"--edge-slowdown must be >= 1 with --emulate, got {edge_slowdown:g}")
+        if obs_noise:
+            raise UserError("--obs-noise is a simulator option: the real system has its own noise")
+        why = emulation_unavailable(edge_slowdown)
+        if why:
+            raise UserError(why)
+        install_signal_cleanup()
+        ecfg = ExperimentConfig(rate_per_s=rate or EMULATE_RATE, requests=requests or EMULATE_REQUESTS, rtt_ms=rtt,
+                                seed=seed, bandwidth_scale=bandwidth_scale)  # fmt: skip
+        result = run_emulated_experiment(trace_list, model_list, edge_slowdown, config=ecfg, time_scale=time_scale,
+                                         profiles_dir=profiles, out=out, progress=progress)  # fmt: skip
+        if json_out:
+            _emit_json(result)
+        else:
+            sys.stdout.write(emulated_markdown(result))
+            if out is not None:
+                _err.print(f"results written to {out}/")
+        return
+    cfg = ExperimentConfig(rate_per_s=rate or 1.0, requests=requests, rtt_ms=rtt, seed=seed, bandwidth_scale=bandwidth_scale,
+                           obs_noise=obs_noise)  # fmt: skip
     kw: dict[str, Any] = {"config": cfg, "profiles_dir": profiles, "out": out, "progress": progress}
     if name == "adaptive":
         result = run_experiment(trace_list, model_list, edge_slowdown, **kw)

@@ -11,6 +11,15 @@
   bandwidth filter of :mod:`splitinfer.estimator`, to pick the default.
 - ``hysteresis`` (:func:`run_hysteresis_experiment`): the adaptive policy at several margins.
 
+- ``adaptive`` with ``--emulate`` (:func:`run_emulated_experiment`): the same policies on
+  the real system (:mod:`splitinfer.simulations.emulate`: the real edge agent and cloud
+  worker, tbf replaying the trace, the TUN delay line, a cgroup-slowed edge), as edge
+  cuts: edge-only ``--cut edge``, cloud-only ``--cut cloud``, static the fixed cut for the
+  trace's mean, adaptive ``--cut auto``. The oracle cannot run for real: its row comes
+  from the simulator. Every emulated row carries the simulator's figures for the same
+  workload (requests, rate, trace and time axis), so the table doubles as the
+  simulator's validation. Kept short: a few dozen requests per cell.
+
 Each writes, with ``out``, ``results.json``, ``results.md`` and plots into that folder.
 """
 
@@ -30,7 +39,7 @@ from splitinfer.estimator import FILTERS, LinkEstimator
 from splitinfer.partitioner import Partitioner
 from splitinfer.policy import Adaptive, CutTable, Fixed, Policy
 from splitinfer.profile import Profile
-from splitinfer.simulations.simulator import SimConfig, SimResult, Simulator, plot_result
+from splitinfer.simulations.simulator import _COLORS, SimConfig, SimResult, Simulator, plot_result
 from splitinfer.simulations.traces import Trace, bundled_trace_names, load_trace
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "load_model_profiles",
     "markdown_table",
     "resolve_traces",
+    "run_emulated_experiment",
     "run_estimator_experiment",
     "run_experiment",
     "run_hysteresis_experiment",
@@ -329,6 +339,174 @@ def run_hysteresis_experiment(
         for m in margins
     }  # fmt: skip
     return _variant_experiment("hysteresis", variants, traces, models, edge_slowdown, config, profiles_dir, out, progress)
+
+
+# ----------------------------------------------------------------- on the real system
+EMULATED_POLICIES = ("edge-only", "cloud-only", "static", "adaptive")
+EMULATE_REQUESTS = 30  # per cell: a few dozen
+EMULATE_RATE = 0.25  # per second: cloud-only keeps its uplink queue under ~10 s on the 3G traces
+
+
+def emulated_cut(policy: str, sim: Simulator) -> str:
+    """The edge agent's --cut for a policy: edge, cloud, the static cut's id, or auto."""
+    if policy == "edge-only":
+        return "edge"
+    if policy == "cloud-only":
+        return "cloud"
+    if policy == "adaptive":
+        return "auto"
+    if policy == "static":
+        return sim.make_policy("static").choose(0.0).id
+    raise UserError(f"policy {policy!r} cannot run on the real system (use {', '.join(EMULATED_POLICIES)})")
+
+
+def run_emulated_experiment(
+    traces: Sequence[Trace],
+    models: Sequence[str] = DEFAULT_MODELS,
+    edge_slowdown: float = 10.0,
+    *,
+    config: ExperimentConfig = ExperimentConfig(rate_per_s=EMULATE_RATE, requests=EMULATE_REQUESTS),
+    time_scale: float = 1.0,
+    policies: Sequence[str] = EMULATED_POLICIES,
+    profiles_dir: Path | None = None,
+    out: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Policies x traces x models on the real system, each next to the simulator's result for
+    the same workload (module docstring). ``time_scale`` > 1 plays every trace that many
+    times faster, in the simulator too."""
+    from splitinfer.simulations.emulate import Emulation, EmulationRun, time_scaled
+
+    for p in policies:
+        if p not in EMULATED_POLICIES:
+            raise UserError(f"policy {p!r} cannot run on the real system (use {', '.join(EMULATED_POLICIES)})")
+    n = config.requests or EMULATE_REQUESTS
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    cells = [(t.scaled(config.bandwidth_scale) if config.bandwidth_scale != 1.0 else t) for t in traces]
+    cells = [time_scaled(t, time_scale) for t in cells]
+    profiles = {model: load_model_profiles(model, profiles_dir) for model in models}  # every mistake before any run
+    for model in models:
+        edge0, cloud = profiles[model]
+        edge = edge0.scaled(edge_slowdown)
+        table = CutTable(Partitioner(edge, cloud))
+        with Emulation(model, rtt_ms=config.rtt_ms, edge_slowdown=edge_slowdown, seed=config.seed,
+                       edge_profile=edge0, cloud_profile=cloud, progress=progress) as emu:  # fmt: skip
+            for trace in cells:
+                sim_cfg = SimConfig(requests=n, rate_per_s=config.rate_per_s, rtt_ms=config.rtt_ms, seed=config.seed)
+                sim = Simulator(edge, cloud, trace, sim_cfg, table=table)
+                simulated = sim.run_all([*policies, "oracle"])
+                sim_rows = simulated.to_json()["policies"]
+                for policy in policies:
+                    cut = emulated_cut(policy, sim)
+                    if progress:
+                        progress(f"{model} on {trace.name}: {policy} (--cut {cut[:40]}), {n} requests at {config.rate_per_s:g}/s")
+                    summary = emu.run(EmulationRun(cut=cut, requests=n, rate_per_s=config.rate_per_s, trace=trace))
+                    s_sim = sim_rows[policy]
+                    lat = [r["total_ms"] for r in summary["records"] if "error" not in r]
+                    mean = float(np.mean(lat)) if lat else float("nan")
+                    cuts: dict[str, int] = {}
+                    for r in summary["records"]:
+                        cuts[r["cut"]] = cuts.get(r["cut"], 0) + 1
+                    rows.append({
+                        "model": model, "trace": trace.name, "policy": policy, "source": "emulated",
+                        "mean_ms": round(mean, 3),
+                        "p95_ms": round(float(np.percentile(lat, 95)), 3) if lat else None,
+                        "regret_vs_oracle": None,
+                        "switches": int(summary["cut"].get("switches", 0)),
+                        "answered": summary["answered"], "errors": summary["errors"], "by_source": summary["by_source"],
+                        "cuts": cuts, "cut": cut, "head_ms": summary["emulation"]["head_ms_mean"],
+                        "loadavg_1m": summary["emulation"]["loadavg_1m"],
+                        "sim_mean_ms": s_sim["mean_ms"], "sim_p95_ms": s_sim["p95_ms"], "sim_switches": s_sim["switches"],
+                        "emulated_over_simulated": round(mean / s_sim["mean_ms"] - 1.0, 4) if lat else None,
+                    })  # fmt: skip
+                    runs.append({"model": model, "trace": trace.name, "policy": policy,
+                                 "latency_ms": [r.get("total_ms") for r in summary["records"]],
+                                 "sim_latency_ms": [round(float(v), 3) for v in simulated.runs[policy].latency_ms],
+                                 "link": summary["link"], "emulation": summary["emulation"]})  # fmt: skip
+                o = sim_rows["oracle"]
+                rows.append({"model": model, "trace": trace.name, "policy": "oracle", "source": "simulated",
+                             "mean_ms": o["mean_ms"], "p95_ms": o["p95_ms"], "regret_vs_oracle": None,
+                             "switches": o["switches"], "sim_mean_ms": o["mean_ms"], "sim_p95_ms": o["p95_ms"]})  # fmt: skip
+    _fill_regret(rows)
+    out_json: dict[str, Any] = {
+        "experiment": "adaptive",
+        "emulated": True,
+        "edge_slowdown": edge_slowdown,
+        "config": {"rate_per_s": config.rate_per_s, "requests": n, "rtt_ms": config.rtt_ms, "seed": config.seed,
+                   "bandwidth_scale": config.bandwidth_scale, "time_scale": time_scale},  # fmt: skip
+        "traces": {t.name: {**t.summary(), "variation": round(variation(t), 3)} for t in cells},
+        "rows": rows,
+        "runs": runs,
+        "elapsed_s": round(time.perf_counter() - started, 2),
+    }
+    if out is not None:
+        out = Path(out)
+        _write(out, out_json, [], emulated_markdown(out_json))
+        for model in models:
+            for t in cells:
+                _plot_emulated(out_json, model, t, out / f"emulated-{model}-{t.name.split('/')[0]}.png")
+    return out_json
+
+
+def emulated_markdown(result: dict[str, Any]) -> str:
+    """Simulated vs emulated mean latency per policy (the simulator's validation table)."""
+    cfg = result["config"]
+    lines = [
+        f"Simulated vs emulated, edge {result['edge_slowdown']:g}x slower, {cfg['requests']} requests at "
+        f"{cfg['rate_per_s']:g}/s, RTT {cfg['rtt_ms']:g} ms, trace bandwidth x{cfg['bandwidth_scale']:g}, "
+        f"trace time /{cfg['time_scale']:g}. Emulated: real edge agent and cloud worker, tc tbf replaying the trace, "
+        "TUN delay line, cgroup cpu quota. The oracle runs in the simulator only.\n",
+        "| model | trace | policy | simulated mean ms | emulated mean ms | emulated / simulated | simulated p95 ms | "
+        "emulated p95 ms | answered | switches (emulated) | head ms (emulated) | load (1 min) |",
+        "|" + " --- |" * 12,
+    ]
+    for r in result["rows"]:
+        if r.get("source") != "emulated":
+            lines.append(f"| {r['model']} | {r['trace']} | {r['policy']} | {r['mean_ms']:.0f} | - | - | {r['p95_ms']:.0f} | - | - | - | - | - |")
+            continue
+        ratio = r.get("emulated_over_simulated")
+        ratio_s = "-" if ratio is None else f"{ratio * 100:+.1f}%"
+        p95_s = "-" if r["p95_ms"] is None else f"{r['p95_ms']:.0f}"
+        head_s = "-" if r.get("head_ms") is None else f"{r['head_ms']:.0f}"
+        load_s = "-" if not r.get("loadavg_1m") else "..".join(f"{v:.1f}" for v in r["loadavg_1m"])
+        lines.append(
+            f"| {r['model']} | {r['trace']} | {r['policy']} | {r['sim_mean_ms']:.0f} | {r['mean_ms']:.0f} | "
+            f"{ratio_s} | {r['sim_p95_ms']:.0f} | {p95_s} | {r['answered']}/{r['answered'] + r['errors']} | {r['switches']} | "
+            f"{head_s} | {load_s} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_emulated(result: dict[str, Any], model: str, trace: Trace, path: Path) -> None:
+    """Per-request latency, emulated (solid) and simulated (dashed), with the trace under it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r["model"] == model and r["trace"] == trace.name]
+    if not runs:
+        return
+    rate = result["config"]["rate_per_s"]
+    fig, (ax, ax_bw) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": (2.2, 1)})
+    for r in runs:
+        color = _COLORS.get(r["policy"])
+        xs = np.arange(len(r["latency_ms"])) / rate
+        ax.plot(xs, [np.nan if v is None else v for v in r["latency_ms"]], color=color, lw=1, label=f"{r['policy']} (emulated)")
+        ax.plot(xs[: len(r["sim_latency_ms"])], r["sim_latency_ms"], color=color, lw=1, ls="--", label=f"{r['policy']} (simulated)")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(fontsize=7, ncol=2)
+    end = len(runs[0]["latency_ms"]) / rate
+    ts = np.linspace(0, end, 1000)
+    ax_bw.fill_between(ts, [trace.bandwidth_at(t) for t in ts], step="post", color="0.8")
+    ax_bw.set_ylabel("Mbit/s")
+    ax_bw.set_xlabel("arrival time (s)")
+    fig.suptitle(f"{model}, edge x{result['edge_slowdown']:g}, {trace.name}: emulated vs simulated")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- reports

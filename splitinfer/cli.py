@@ -436,7 +436,7 @@ def _register_service_commands() -> None:
     from splitinfer.cloud.cli import cloud_cmd
 
     from splitinfer.edge.cli import edge_cmd
-    from splitinfer.simulations.cli import experiment_cmd, simulate_cmd
+    from splitinfer.simulations.cli import emulate_cmd, experiment_cmd, simulate_cmd
     from splitinfer.demo import demo_cmd
     from splitinfer.training_cli import distill_cmd, evaluate_cmd, train_cmd
 
@@ -444,6 +444,7 @@ def _register_service_commands() -> None:
     app.command("edge")(edge_cmd)
     app.command("simulate")(simulate_cmd)
     app.command("experiment")(experiment_cmd)
+    app.command("emulate")(emulate_cmd)
     app.command("train")(train_cmd)
     app.command("distill")(distill_cmd)
     app.command("evaluate")(evaluate_cmd)

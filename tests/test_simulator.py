@@ -264,4 +264,4 @@ def test_experiment_command(toy_files: tuple[Path, Path], tmp_path: Path) -> Non
     for bad in (["adaptive", "--emulate"], ["nonsense"], ["adaptive", "--rate", "-1"], ["adaptive", "--models", ""]):
         res = CliRunner().invoke(cli(), ["experiment", *bad, "--profiles", str(root)])
         assert isinstance(res.exception, UserError), (bad, res.output)
-    assert "emulation module" in str(CliRunner().invoke(cli(), ["experiment", "adaptive", "--emulate"]).exception)
+    assert "--emulate needs --traces" in str(CliRunner().invoke(cli(), ["experiment", "adaptive", "--emulate"]).exception)

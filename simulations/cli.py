@@ -153,6 +153,7 @@ def emulate_cmd(
     deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="end-to-end budget per request"),
     time_scale: float = typer.Option(1.0, "--time-scale", help="play the trace this many times faster"),
     seed: int = typer.Option(0, "--seed", help="seed of the loss model"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="with --edge-slowdown: measure the quota that makes the model K times slower"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Real processes over an emulated link: cloud worker and edge agent in network namespaces,
@@ -182,7 +183,7 @@ def emulate_cmd(
     progress = (lambda msg: _err.print(msg, highlight=False)) if not json_out else None
     result = emulate(model, trace=link, bandwidth_mbit=bandwidth, rtt_ms=rtt, loss=loss, cut=cut, requests=requests,
                      rate_per_s=rate, edge_slowdown=edge_slowdown, deadline_ms=deadline_ms, seed=seed,
-                     progress=progress)  # fmt: skip
+                     calibrate=calibrate, progress=progress)  # fmt: skip
     if json_out:
         _emit_json(result)
         return

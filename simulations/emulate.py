@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")  # the cgroup v1 cpu controller
 CGROUP_PREFIX = "splitinfer"  # every cpu group this module creates starts with it
-CFS_PERIOD_US = 100_000  # 100 ms: finer slicing costs extra CPU here (see CpuLimit), coarser adds jitter
+CFS_PERIOD_US = 97_331  # ~100 ms (see CpuLimit), odd so it does not phase-lock with arrivals at round rates
 CFS_MIN_QUOTA_US = 1_000  # the kernel's minimum quota
 GOODPUT_FACTOR = 1514 / 1448  # wire bytes per payload byte of a full TCP segment (module docstring)
 TBF_BURST_MS = 1.0  # token bucket depth in time at the shaped rate ...
@@ -146,9 +146,14 @@ class CpuLimit:
     The CFS period is a trade-off measured on this 2-vCPU VM (resnet18's forward pass,
     1 thread, 68 ms of CPU unthrottled, quota = period/10): with a 10 ms period the same
     work took ~100 ms of CPU (its caches go cold while throttled: ~950 ms instead of 680),
-    with 100 ms ~75 ms of CPU (~700 ms), with 200 ms ~71 ms but +-100 ms of jitter. Hence
-    100 ms: a head is K times slower within ~5-10%, and a single request's head time
-    varies by up to about one period with where in the period it starts."""
+    with 100 ms ~75 ms of CPU, with 200 ms ~71 ms but +-100 ms of jitter. Hence ~100 ms.
+    Two effects then pull in opposite directions: that extra CPU (+5-15%, more when the
+    machine is busy), and a request arriving at an idle edge runs its first quota-worth
+    at full speed (the period's quota is unspent; up to -(K-1)/K of a period). So quota =
+    period/K is only roughly K times slower; :meth:`calibrate` measures the model's own
+    forward pass in the group, at random phases, and sets the quota that makes it K times
+    the reference profile. A single request's head time still varies by up to about one
+    period with where in the period it starts."""
 
     def __init__(self, tag: str = "edge", *, period_us: int = CFS_PERIOD_US, cpu: int | None = -1) -> None:
         self.path = CGROUP_ROOT / f"{CGROUP_PREFIX}-{tag}-{os.getpid()}-{next(_counter)}"
@@ -174,6 +179,70 @@ class CpuLimit:
         self._write("cpu.cfs_period_us", period)
         self._write("cpu.cfs_quota_us", quota)
         self.period_us, self.quota_us = period, quota
+
+    def set_quota(self, quota_us: int, period_us: int | None = None) -> None:
+        """An explicit quota (e.g. from :meth:`calibrate`)."""
+        period = period_us or self.period_us or self.base_period_us
+        quota = max(CFS_MIN_QUOTA_US, min(int(quota_us), period))
+        self._write("cpu.cfs_quota_us", -1)
+        self._write("cpu.cfs_period_us", period)
+        self._write("cpu.cfs_quota_us", quota)
+        self.period_us, self.quota_us = period, quota
+
+    def calibrate(self, model: str, target_ms: float, slowdown: float, *, rounds: int = 3, forwards: int = 8,
+                  gap_s: tuple[float, float] = (0.3, 0.6), seed: int = 0, prefix: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+        """Find the quota at which `model`'s forward pass (1 thread, in this group, each after
+        an idle pause drawn from `gap_s`, so at random phases of the period) takes
+        `target_ms` on average, starting from period/slowdown; the group keeps that quota.
+        Mean latency is close to affine in 1/quota (A/quota + B), so two measurements give
+        the fit and a third checks it; the closest is kept. Returns what was measured."""
+        self.unthrottle()  # the child's imports and model load are not what is measured
+        child = subprocess.Popen(self.wrap([*prefix, sys.executable, "-m", "splitinfer.simulations.emulate", "--calibrate",
+                                            model, str(forwards), str(seed), f"{gap_s[0]:g}", f"{gap_s[1]:g}"]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        points: list[tuple[int, float]] = []
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise UserError(f"cannot calibrate the edge's cpu limit for {model}")
+            quota = self.quota_for(slowdown)
+            for k in range(rounds):
+                self.set_quota(quota)
+                child.stdin.write("run\n")
+                child.stdin.flush()
+                walls = json.loads(child.stdout.readline())
+                mean = sum(walls) / len(walls)
+                points.append((quota, mean))
+                if len(points) >= 2:
+                    (q1, m1), (q2, m2) = points[-2], points[-1]
+                    if abs(1 / q1 - 1 / q2) > 1e-12:
+                        a = (m1 - m2) / (1 / q1 - 1 / q2)
+                        b = m1 - a / q1
+                        quota = int(a / (target_ms - b)) if a > 0 and target_ms > b else int(quota * mean / target_ms)
+                    else:
+                        quota = int(quota * mean / target_ms)
+                else:
+                    quota = int(quota * mean / target_ms)
+                if k < rounds - 1:
+                    quota = max(CFS_MIN_QUOTA_US, min(quota, self.period_us or self.base_period_us))
+            best = min(points, key=lambda p: abs(p[1] - target_ms))
+            self.set_quota(best[0])
+            child.stdin.write("quit\n")
+            child.stdin.flush()
+        finally:
+            if child.poll() is None:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        return {"target_ms": round(target_ms, 2), "period_us": self.period_us, "quota_us": self.quota_us,
+                "forwards": forwards, "gap_s": list(gap_s),
+                "uncalibrated_quota_us": self.quota_for(slowdown),
+                "measured": [{"quota_us": q, "mean_ms": round(m, 1)} for q, m in points]}  # fmt: skip
+
+    def quota_for(self, slowdown: float) -> int:
+        return cfs_quota(slowdown, self.base_period_us)[1]
 
     def unthrottle(self) -> None:
         self._write("cpu.cfs_quota_us", -1)
@@ -397,6 +466,8 @@ class Emulation:
         cloud_args: Sequence[str] = (),
         edge_profile: Any = None,  # Profile of the edge (unscaled); None: the bundled reference
         cloud_profile: Any = None,
+        calibrate: bool = True,  # measure and set the quota that makes the model's forward pass K x the profile
+        idle_s: float | None = None,  # the edge's usual idle time between requests (calibration pauses ~ this)
         progress: Callable[[str], None] | None = None,
     ) -> None:
         why = emulation_unavailable(edge_slowdown)
@@ -416,6 +487,10 @@ class Emulation:
         self.cpu: CpuLimit | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.profile_files: tuple[str, str] | None = None
+        self.calibrate = calibrate
+        self.idle_s = idle_s
+        self.calibration: dict[str, Any] | None = None
+        self.edge_total_ms: float | None = None  # the unscaled reference edge's forward pass
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "Emulation":
@@ -446,6 +521,28 @@ class Emulation:
             raise UserError(f"the cloud worker did not start in the emulation: {exc}") from None
         if self.edge_slowdown != 1.0:
             self.cpu = CpuLimit("edge")
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """The quota at which the model's forward pass takes K x the reference profile's."""
+        assert self.cpu is not None
+        if not self.calibrate or self.edge_total_ms is None:
+            self.calibration = {"calibrated": False, "why": "off" if not self.calibrate else "no reference profile"}
+            return
+        target = self.edge_slowdown * self.edge_total_ms
+        period_ms = self.cpu.base_period_us / 1e3
+        if target < 3 * period_ms:
+            self.calibration = {"calibrated": False, "why": f"a {target:.0f} ms head is too short to measure against the "
+                                                           f"{period_ms:.0f} ms CFS period"}  # fmt: skip
+            return
+        self.progress(f"emulation: calibrating the edge's cpu quota ({self.model} forward pass -> {target:.0f} ms)")
+        if self.idle_s is not None and self.idle_s > 0.45:  # like the run: caches as cold, phases as random
+            gap, forwards = (0.5 * self.idle_s, 1.5 * self.idle_s), 6
+        else:
+            gap, forwards = (0.3, 0.6), 8
+        self.calibration = {"calibrated": True, **self.cpu.calibrate(self.model, target, self.edge_slowdown, gap_s=gap,
+                                                                     forwards=forwards, seed=self.seed)}  # fmt: skip
+        self.cpu.unthrottle()
 
     def _write_profiles(self) -> None:
         """The edge profile scaled by the slowdown, and the cloud's, as files for --cut auto."""
@@ -457,6 +554,7 @@ class Emulation:
             if ref is None:
                 return  # a model without reference profiles: the agent measures its own
             edge, cloud = ref
+        self.edge_total_ms = float(edge.total_ms)
         self._tmp = tempfile.TemporaryDirectory(prefix="splitinfer-emulate-")
         e, c = Path(self._tmp.name) / "edge.json", Path(self._tmp.name) / "cloud.json"
         (edge.scaled(self.edge_slowdown) if self.edge_slowdown != 1.0 else edge).save(e)
@@ -516,7 +614,10 @@ class Emulation:
         try:
             edge.wait_marker("ready", run.startup_timeout_s)
             if self.cpu is not None:
-                self.cpu.throttle(self.edge_slowdown)
+                if self.calibration and self.calibration.get("calibrated"):
+                    self.cpu.set_quota(int(self.calibration["quota_us"]), int(self.calibration["period_us"]))
+                else:
+                    self.cpu.throttle(self.edge_slowdown)
                 throttle_before = self.cpu.stats()
                 quota = (self.cpu.period_us, self.cpu.quota_us)
             edge.send("go")
@@ -524,10 +625,11 @@ class Emulation:
             if trace is not None:
                 replay = Replayer(self.lab, trace, t0)
                 replay.start()
-            try:
-                edge.proc.wait(timeout=run.timeout_s())
-            except subprocess.TimeoutExpired:
-                raise UserError(f"the emulated run did not finish within {run.timeout_s():.0f} s") from None
+            deadline = time.monotonic() + run.timeout_s()
+            while edge.proc.poll() is None:  # (not Popen.wait(timeout): it turns Ctrl-C into a timeout)
+                if time.monotonic() > deadline:
+                    raise UserError(f"the emulated run did not finish within {run.timeout_s():.0f} s")
+                time.sleep(0.05)
             ended = time.monotonic()
         except RuntimeError as exc:  # the agent did not start or stopped early: one clear line
             raise UserError(f"emulation: {exc}") from None
@@ -550,12 +652,13 @@ class Emulation:
             "edge_slowdown": self.edge_slowdown,
             "cpu_limit": None if self.cpu is None else {
                 "controller": "cgroup v1 cpu (CFS bandwidth)", "cgroup": str(self.cpu.path),
-                "period_us": quota[0], "quota_us": quota[1], "pinned_cpu": self.cpu.cpu,
+                "period_us": quota[0], "quota_us": quota[1], "pinned_cpu": self.cpu.cpu, "calibration": self.calibration,
                 "throttled_periods": throttle_after.get("nr_throttled", 0) - throttle_before.get("nr_throttled", 0),
             },
             "profiles": "reference edge profile x slowdown, reference cloud profile" if self.profile_files else "agent's own",
             "time_axis": "trace time 0 = the first timed request (after the agent's start-up and warm-up)",
             "head_ms_mean": round(sum(heads) / len(heads), 3) if heads else None,
+            "reference_edge_ms": None if self.edge_total_ms is None else round(self.edge_total_ms * self.edge_slowdown, 3),
             "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other work on this machine skews timings
             "startup_s": round(t0 - started, 3),
             "timed_s": round(ended - t0, 3),
@@ -604,12 +707,14 @@ def emulate(
     edge_slowdown: float = 1.0,
     deadline_ms: float | None = None,
     seed: int = 0,
+    calibrate: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """One emulated run (see the module docstring); everything is cleaned up on return."""
     run = EmulationRun(cut=cut, requests=requests, rate_per_s=rate_per_s, deadline_ms=deadline_ms, trace=trace,
                        bandwidth_mbit=bandwidth_mbit)  # fmt: skip
-    with Emulation(model, rtt_ms=rtt_ms, loss=loss, edge_slowdown=edge_slowdown, seed=seed, progress=progress) as emu:
+    with Emulation(model, rtt_ms=rtt_ms, loss=loss, edge_slowdown=edge_slowdown, seed=seed, calibrate=calibrate,
+                   progress=progress) as emu:  # fmt: skip
         if progress:
             progress(f"emulation: edge agent, --cut {cut}, {requests} requests")
         return emu.run(run)
@@ -654,5 +759,36 @@ def _launch_edge(argv: list[str]) -> None:
     main()
 
 
+def _calibration_child(model: str, forwards: int, seed: int, gap_lo: float, gap_hi: float) -> None:
+    """Load `model` (1 thread), say "ready"; on each "run" line time `forwards` forward
+    passes, each after a random pause (random phases of the CFS period), print them as JSON."""
+    import random
+
+    import torch
+
+    from splitinfer.models import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(model)
+    x = loaded.example_batch(1)
+    rng = random.Random(seed)
+    with torch.inference_mode():
+        loaded.module(x)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            walls = []
+            for _ in range(forwards):
+                time.sleep(rng.uniform(gap_lo, gap_hi))
+                t = time.perf_counter()
+                loaded.module(x)
+                walls.append((time.perf_counter() - t) * 1e3)
+            print(json.dumps(walls), flush=True)
+
+
 if __name__ == "__main__":
-    _launch_edge(sys.argv[1:])
+    if sys.argv[1:2] == ["--calibrate"]:
+        _calibration_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+    else:
+        _launch_edge(sys.argv[1:])

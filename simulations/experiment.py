@@ -383,6 +383,7 @@ def run_emulated_experiment(
     n = config.requests or EMULATE_REQUESTS
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    calibrations: dict[str, Any] = {}
     started = time.perf_counter()
     cells = [(t.scaled(config.bandwidth_scale) if config.bandwidth_scale != 1.0 else t) for t in traces]
     cells = [time_scaled(t, time_scale) for t in cells]
@@ -391,8 +392,10 @@ def run_emulated_experiment(
         edge0, cloud = profiles[model]
         edge = edge0.scaled(edge_slowdown)
         table = CutTable(Partitioner(edge, cloud))
-        with Emulation(model, rtt_ms=config.rtt_ms, edge_slowdown=edge_slowdown, seed=config.seed,
-                       edge_profile=edge0, cloud_profile=cloud, progress=progress) as emu:  # fmt: skip
+        idle_s = 1.0 / config.rate_per_s - edge.total_ms / 1e3  # between edge-only requests
+        with Emulation(model, rtt_ms=config.rtt_ms, edge_slowdown=edge_slowdown, seed=config.seed, edge_profile=edge0,
+                       cloud_profile=cloud, idle_s=idle_s, progress=progress) as emu:  # fmt: skip
+            calibrations[model] = emu.calibration
             for trace in cells:
                 sim_cfg = SimConfig(requests=n, rate_per_s=config.rate_per_s, rtt_ms=config.rtt_ms, seed=config.seed)
                 sim = Simulator(edge, cloud, trace, sim_cfg, table=table)
@@ -439,6 +442,7 @@ def run_emulated_experiment(
         "traces": {t.name: {**t.summary(), "variation": round(variation(t), 3)} for t in cells},
         "rows": rows,
         "runs": runs,
+        "calibration": calibrations,
         "elapsed_s": round(time.perf_counter() - started, 2),
     }
     if out is not None:
@@ -476,6 +480,13 @@ def emulated_markdown(result: dict[str, Any]) -> str:
             f"{ratio_s} | {r['sim_p95_ms']:.0f} | {p95_s} | {r['answered']}/{r['answered'] + r['errors']} | {r['switches']} | "
             f"{head_s} | {load_s} |"
         )
+    for model, cal in (result.get("calibration") or {}).items():
+        if cal and cal.get("calibrated"):
+            tried = ", ".join(f"{m['quota_us']} us: {m['mean_ms']:.0f} ms" for m in cal["measured"])
+            lines.append(f"\nEdge cpu quota for {model}: {cal['quota_us']} us per {cal['period_us']} us period (1/K would be "
+                         f"{cal['uncalibrated_quota_us']} us), calibrated to a {cal['target_ms']:.0f} ms forward pass ({tried}).")
+        elif cal:
+            lines.append(f"\nEdge cpu quota for {model}: period/K, not calibrated ({cal.get('why')}).")
     return "\n".join(lines) + "\n"
 
 

@@ -98,7 +98,8 @@ async def test_delay_line_delays_keeps_order_and_drops() -> None:
 
 
 def test_cfs_quota() -> None:
-    assert cfs_quota(10) == (100_000, 10_000)
+    period, quota = cfs_quota(10)
+    assert 90_000 <= period <= 110_000 and period / quota == pytest.approx(10, rel=0.001)
     assert cfs_quota(10, 10_000) == (10_000, 1_000)
     period, quota = cfs_quota(250, 10_000)  # below the kernel's 1 ms minimum: a longer period
     assert quota >= 1_000 and period / quota == pytest.approx(250, rel=0.01)
@@ -196,7 +197,9 @@ def test_emulate_command(tmp_path: Path) -> None:
     assert link["rtt_ms"] == 40 and link["loss"] == 0 and link["bandwidth_mbit"] == 5 and link["trace"] is None
     assert out["answered"] == out["requests"] == 10 and out["by_source"]["cloud"] == 10
     assert all(r["network_ms"] >= 40 for r in out["records"])  # the added delay is in every round trip
-    assert out["emulation"]["cpu_limit"]["quota_us"] * 2 == out["emulation"]["cpu_limit"]["period_us"]
+    limit = out["emulation"]["cpu_limit"]
+    assert limit["period_us"] / limit["quota_us"] == pytest.approx(2, rel=0.001)  # too short a head to calibrate
+    assert limit["calibration"]["calibrated"] is False
     assert link["delay_line"]["up"]["sent"] > 0 and link["delay_line"]["down"]["sent"] > 0
     _nothing_left()
 
@@ -231,3 +234,30 @@ def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     app.command("other")(lambda: None)
     result = CliRunner().invoke(app, ["emulate", "--model", "tinycnn", "--bandwidth", "5"])
     assert isinstance(result.exception, UserError) and "root" in str(result.exception)
+
+
+def test_experiment_emulate_options_and_table() -> None:
+    """`experiment adaptive --emulate`: its cuts per policy, its checks, its table (no run)."""
+    from splitinfer.cli import app
+    from splitinfer.reference import load_reference
+    from splitinfer.simulations.experiment import emulated_cut, emulated_markdown
+    from splitinfer.simulations.simulator import SimConfig, Simulator
+    from splitinfer.simulations.traces import load_trace
+
+    edge, cloud = load_reference("resnet18")  # type: ignore[misc]
+    sim = Simulator(edge.scaled(10), cloud, load_trace("bus"), SimConfig(requests=5))
+    assert [emulated_cut(p, sim) for p in ("edge-only", "cloud-only", "adaptive")] == ["edge", "cloud", "auto"]
+    assert emulated_cut("static", sim) == sim.make_policy("static").choose(0.0).id
+    with pytest.raises(UserError):
+        emulated_cut("oracle", sim)
+    for bad in (["adaptive", "--emulate"], ["estimators", "--emulate", "--traces", "bus"],
+                ["adaptive", "--time-scale", "2", "--traces", "bus"]):  # fmt: skip
+        res = CliRunner().invoke(app, ["experiment", *bad])
+        assert isinstance(res.exception, UserError), (bad, res.output)
+    row = {"model": "resnet18", "trace": "bus", "policy": "edge-only", "source": "emulated", "mean_ms": 700.0,
+           "p95_ms": 720.0, "sim_mean_ms": 670.0, "sim_p95_ms": 670.0, "emulated_over_simulated": 0.0448,
+           "answered": 30, "errors": 0, "switches": 0, "head_ms": 690.0, "loadavg_1m": [0.1, 0.2]}  # fmt: skip
+    oracle = {"model": "resnet18", "trace": "bus", "policy": "oracle", "source": "simulated", "mean_ms": 670.0, "p95_ms": 670.0}
+    md = emulated_markdown({"edge_slowdown": 10, "rows": [row, oracle], "calibration": {},
+                            "config": {"requests": 30, "rate_per_s": 0.25, "rtt_ms": 20, "bandwidth_scale": 1, "time_scale": 1}})  # fmt: skip
+    assert "| resnet18 | bus | edge-only | 670 | 700 | +4.5% |" in md and "| oracle | 670 | - |" in md

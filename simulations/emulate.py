@@ -210,7 +210,10 @@ class CpuLimit:
                 self.set_quota(quota)
                 child.stdin.write("run\n")
                 child.stdin.flush()
-                walls = json.loads(child.stdout.readline())
+                answer = child.stdout.readline()
+                if not answer.startswith("["):
+                    raise UserError(f"calibrating the edge's cpu limit for {model} failed (the measuring process ended)")
+                walls = json.loads(answer)
                 mean = sum(walls) / len(walls)
                 points.append((quota, mean))
                 if len(points) >= 2:
@@ -232,7 +235,11 @@ class CpuLimit:
         finally:
             if child.poll() is None:
                 try:
-                    child.wait(timeout=10)
+                    if child.stdin is not None:
+                        child.stdin.close()  # it reads commands from stdin: EOF ends it
+                    child.wait(timeout=5)
+                except (OSError, ValueError):
+                    pass
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()

@@ -13,7 +13,6 @@ shares.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import itertools
 import logging
 import math
@@ -39,6 +38,7 @@ from splitinfer.graph import EDGE_ONLY
 from splitinfer.models import LoadedModel, load_model
 from splitinfer.profile import Profile
 from splitinfer.protocol import InferRequest
+from splitinfer.reference import load_reference
 from splitinfer.split import max_abs_diff
 
 __all__ = ["AgentConfig", "Answer", "EdgeAgent", "latency_stats", "request_input", "summarize"]
@@ -208,19 +208,6 @@ def summarize(answers: list[Answer], cut: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _bundled_profiles(model: str) -> tuple[Profile, Profile] | None:
-    """partitions/<model>/{edge,cloud}.json shipped with the package, if both exist."""
-    try:
-        root = importlib.resources.files("splitinfer.partitions") / model
-        edge, cloud = root / "edge.json", root / "cloud.json"
-        if not (edge.is_file() and cloud.is_file()):
-            return None
-        with importlib.resources.as_file(edge) as e, importlib.resources.as_file(cloud) as c:
-            return Profile.load(e), Profile.load(c)
-    except (ModuleNotFoundError, OSError, ValueError):  # odd model names (paths) never match a folder
-        return None
-
-
 class EdgeAgent:
     """Runs one model's head here and its tail on the best cloud worker; see the module docstring."""
 
@@ -377,7 +364,7 @@ class EdgeAgent:
         assert runner is not None
         client = self.client  # None when no worker is usable yet (the fallback answers meanwhile)
         graph_fp = runner.graph.fingerprint()
-        profiles = None if cfg.measure_profiles else _bundled_profiles(runner.name)
+        profiles = None if cfg.measure_profiles else load_reference(runner.name)
         source = "bundled"
         if cfg.edge_profile is not None and cfg.cloud_profile is not None:
             files = (cfg.edge_profile, cfg.cloud_profile)

@@ -16,6 +16,7 @@ from splitinfer.estimator import (
     HarmonicMean,
     LastSample,
     LinkEstimator,
+    RecentHarmonic,
     ResettingHarmonic,
     WindowPercentile,
     make_filter,
@@ -150,6 +151,39 @@ def test_filters() -> None:
     for f in (h, e, m, r, last):
         f.reset()
         assert f.value is None
+
+
+def test_recent_harmonic_forgets_by_time_and_starts_over_on_a_jump() -> None:
+    f = RecentHarmonic(window_s=3.0, n=5, jump=2.0)
+    f.update(4.0, 0.0)
+    f.update(3.0, 1.0)
+    assert f.value == pytest.approx(2 / (1 / 4 + 1 / 3))
+    f.update(5.0, 4.5)  # the samples of 0 s and 1 s are older than 3 s: only this one counts
+    assert f.value == 5.0
+    for i in range(6):  # at most n samples, even within the window
+        f.update(5.0 + (i % 2), 5.0 + 0.1 * i)
+    assert len(f._w) == 5
+    f.update(1.0, 6.0)  # more than 2x below: a step, not noise
+    assert f.value == 1.0
+    g = RecentHarmonic(window_s=2.5)
+    for v in (2.0, 2.0, 3.0, 3.0):  # no clock: samples count as 1 s apart
+        g.update(v)
+    assert g.value == pytest.approx(3 / (1 / 2 + 1 / 3 + 1 / 3))
+    g.reset()
+    assert g.value is None
+    with pytest.raises(UserError):
+        RecentHarmonic(window_s=0.0)
+
+
+def test_the_estimator_remembers_how_fast_the_link_was_lately() -> None:
+    est = LinkEstimator("last", recent_s=60.0, initial_rtt_ms=RTT_MS)
+    assert est.recent_max_mbit(0.0) is None
+    est.observe(100_000, network_ms(100_000, 20.0), now_s=1.0)
+    est.observe(100_000, network_ms(100_000, 2.0), now_s=2.0)
+    assert est.bandwidth_mbit == pytest.approx(2.0)  # the estimate followed the drop ...
+    assert est.recent_max_mbit(30.0) == pytest.approx(20.0)  # ... the memory of the fast link stays
+    assert est.recent_max_mbit(61.5) == pytest.approx(2.0)  # a minute later it is gone
+    assert est.recent_max_mbit(63.0) is None
 
 
 def test_bad_settings_are_user_errors() -> None:

@@ -137,6 +137,24 @@ def test_adaptive_follows_a_step_change_within_a_few_requests() -> None:
         assert wrong.size == 0 or wrong.max() < bound, (start, wrong)
 
 
+def test_probes_stay_frequent_while_the_link_was_lately_fast(table: CutTable) -> None:
+    """At 2 Mbit/s the toy model runs edge-only, and twice that would not change it: probe
+    only every 4 s (relaxed) -- unless the link ran at 20 Mbit/s within the last minute,
+    as a mobile link does between dips; then every second, so the split comes back soon."""
+    for fast_at, relaxed in ((-5.0, False), (-90.0, True), (None, True)):
+        pol = Adaptive(table, LinkEstimator("last", initial_rtt_ms=RTT_MS, probe_after_s=1.0, probe_relaxed_s=4.0),
+                       rtt_ms=RTT_MS)  # fmt: skip
+        if fast_at is not None:
+            feed(pol, fast_at, 60_000, 20.0)
+        feed(pol, 0.0, 60_000, 2.0)
+        assert pol.choose(0.1).id == "edge"
+        pol.probe_sent(0.1, pol.probe_bytes())
+        feed(pol, 0.2, 4000, 2.0)
+        assert pol.choose(0.3).id == "edge"
+        assert pol.needs_probe(1.5) is not relaxed, fast_at
+        assert pol.needs_probe(4.5)
+
+
 def test_hysteresis_keeps_switches_few_around_a_breakpoint(table: CutTable) -> None:
     """The link flips 3% either side of the edge-only/b breakpoint every half second; the
     two cuts are then within 1% of each other, so switching gains nothing."""

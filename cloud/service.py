@@ -288,11 +288,21 @@ async def profile(request: web.Request) -> web.Response:
 
 
 async def probe(request: web.Request) -> web.Response:
-    """Read and discard the body: the edge times this to estimate its uplink."""
-    total = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
+    """Read and discard the body, timing its arrival here: ``upload_ms`` is from the end of
+    the first chunk to the end of the last, ``timed_bytes`` what came in between. That is
+    the uplink's rate as the cloud sees it, free of the edge's own scheduling (a slow edge
+    busy with a head answers its probe's response late, and would time the link too slow)."""
+    total = timed = 0
+    first_s = last_s = 0.0
+    async for chunk in request.content.iter_any():
+        now = time.perf_counter()
+        if total:
+            timed += len(chunk)
+            last_s = now
+        else:
+            first_s = last_s = now
         total += len(chunk)
-    return web.json_response({"bytes": total})
+    return web.json_response({"bytes": total, "upload_ms": round((last_s - first_s) * 1e3, 4), "timed_bytes": timed})
 
 
 async def healthz(request: web.Request) -> web.Response:

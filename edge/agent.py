@@ -573,16 +573,18 @@ class EdgeAgent:
         self._probing = True
 
         async def probe() -> None:
-            started = time.perf_counter()
+            mbit = None
             try:
-                await best.client.post_probe(nbytes)
-                ms = (time.perf_counter() - started) * 1e3
+                timing = await best.client.post_probe(nbytes)
+                ms, mbit = timing.round_trip_ms, timing.uplink_mbit()
             except (CloudUnavailable, CloudError):
                 ms = math.nan
             finally:
                 self._probing = False
             assert self.policy is not None
-            self.policy.observe(Feedback(time.monotonic(), "", nbytes, ms, probe=True))
+            # The worker's timing of the upload when it has one: this edge's own clock reads
+            # the answer late whenever a head keeps its CPU busy (a slow edge, by definition).
+            self.policy.observe(Feedback(time.monotonic(), "", nbytes, ms, probe=True, uplink_mbit=mbit))
 
         task = asyncio.get_running_loop().create_task(probe())
         self._background.add(task)

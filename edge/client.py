@@ -17,6 +17,7 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -83,6 +84,27 @@ async def encode_request(req: InferRequest) -> bytes:
     if _request_bytes(req) > OFFLOAD_BYTES:
         return await asyncio.to_thread(encode_message, req)
     return encode_message(req)
+
+
+@dataclass(frozen=True)
+class ProbeTiming:
+    """One /v1/probe: the edge's round trip, and the worker's timing of the body's arrival."""
+
+    round_trip_ms: float
+    upload_ms: float | None = None  # first chunk in -> last chunk in, at the worker
+    timed_bytes: int | None = None  # the bytes that arrived in that time
+
+    # Too few bytes or too short a time (the body came in one or two reads): no rate.
+    MIN_TIMED_BYTES = 8_000
+    MIN_UPLOAD_MS = 1.0
+
+    def uplink_mbit(self) -> float | None:
+        """The uplink's rate as the worker saw the bytes arrive (None: not measurable)."""
+        if self.upload_ms is None or self.timed_bytes is None:
+            return None
+        if self.timed_bytes < self.MIN_TIMED_BYTES or not self.upload_ms >= self.MIN_UPLOAD_MS:
+            return None
+        return self.timed_bytes * 8 / (self.upload_ms * 1e3)
 
 
 class CloudClient:
@@ -327,8 +349,9 @@ class CloudClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CloudError(ErrorCode.BAD_MESSAGE, f"malformed profile from {self.url}: {type(exc).__name__}: {exc}") from None
 
-    async def post_probe(self, nbytes: int) -> float:
-        """POST nbytes to /v1/probe (the worker discards them); the round trip in ms."""
+    async def post_probe(self, nbytes: int) -> ProbeTiming:
+        """POST nbytes to /v1/probe (the worker discards them): the round trip in ms, and the
+        worker's own timing of the body's arrival."""
         payload = bytes(nbytes)
         start = time.perf_counter()
         try:
@@ -344,7 +367,13 @@ class CloudClient:
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if status >= 400:
             raise _http_error(status, ctype, data, self.url + "/v1/probe")
-        return elapsed_ms
+        upload_ms = timed_bytes = None
+        try:  # an older worker answers {"bytes": n} only: then the round trip is all there is
+            body = json.loads(data)
+            upload_ms, timed_bytes = float(body["upload_ms"]), int(body["timed_bytes"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        return ProbeTiming(elapsed_ms, upload_ms, timed_bytes)
 
     async def probe(self, nbytes: int = 1_000_000) -> tuple[float, float]:
         """Estimate the link: (RTT in ms, uplink in Mbit/s).
@@ -360,11 +389,13 @@ class CloudClient:
             await self.health()
             rtts.append((time.perf_counter() - start) * 1e3)
         rtt_ms = statistics.median(rtts)
-        elapsed_ms = await self.post_probe(nbytes)
-        # Less the round trip that any exchange pays; never below a tenth of the total,
-        # so a noisy RTT cannot produce an absurd bandwidth.
+        timing = await self.post_probe(nbytes)
+        elapsed_ms = timing.round_trip_ms
+        # The worker's timing of the arrival if it has one; else the round trip less the
+        # RTT that any exchange pays, never below a tenth of the total, so a noisy RTT
+        # cannot produce an absurd bandwidth.
         transfer_ms = max(elapsed_ms - rtt_ms, elapsed_ms / 10, 1e-3)
-        mbit = nbytes * 8 / (transfer_ms * 1e3)
+        mbit = timing.uplink_mbit() or nbytes * 8 / (transfer_ms * 1e3)
         log.info("probe of %s: rtt %.2f ms, uplink %.1f Mbit/s (%d bytes in %.2f ms)", self.url, rtt_ms, mbit, nbytes, elapsed_ms)
         return rtt_ms, mbit
 

@@ -240,7 +240,7 @@ class UplinkLimiter:
 def _install_limiter(limiter: UplinkLimiter) -> None:
     """Make this process's cloud clients send through `limiter` (requests and probes).
     Only the edge driver process calls this."""
-    from splitinfer.edge.client import CloudClient, CloudUnavailable
+    from splitinfer.edge.client import CloudClient, CloudUnavailable, ProbeTiming
 
     infer_encoded, post_probe = CloudClient.infer_encoded, CloudClient.post_probe
 
@@ -252,10 +252,11 @@ def _install_limiter(limiter: UplinkLimiter) -> None:
         await asyncio.sleep(wait)
         return await infer_encoded(self, request_id, frame, None if timeout_s is None else timeout_s - wait)
 
-    async def limited_probe(self: Any, nbytes: int) -> float:
+    async def limited_probe(self: Any, nbytes: int) -> ProbeTiming:
         wait = limiter.delay_s(nbytes)
         await asyncio.sleep(wait)
-        return await post_probe(self, nbytes) + wait * 1e3
+        # The worker saw the bytes at loopback speed: only the delayed round trip counts.
+        return ProbeTiming((await post_probe(self, nbytes)).round_trip_ms + wait * 1e3)
 
     CloudClient.infer_encoded = limited_infer  # type: ignore[method-assign]
     CloudClient.post_probe = limited_probe  # type: ignore[method-assign]

@@ -401,9 +401,13 @@ class LinkEstimator:
         *,
         now_s: float | None = None,
         return_bytes: int = 0,
+        measured_mbit: float | None = None,
     ) -> float | None:
         """One finished transfer: ``nbytes_sent`` up, an answer of ``return_bytes`` back,
         ``network_ms`` from send to answer less the cloud's reported queue and compute time.
+
+        ``measured_mbit``: the uplink's rate as the receiver timed the bytes' arrival (the
+        cloud does for probes); taken as the sample instead of the edge's own timing.
 
         Returns the bandwidth sample taken (Mbit/s), or None when it carried none."""
         if rtt_sample_ms is not None:
@@ -414,10 +418,13 @@ class LinkEstimator:
             self._inflight.popleft()
         if nbytes_sent <= 0 or not (math.isfinite(network_ms) and network_ms > 0):
             return None
-        rtt = self.rtt_ms or 0.0
-        # The result's bytes ride a downlink the cost model takes as symmetric by default.
-        transfer_ms = max(network_ms - rtt, self.min_transfer_share * network_ms, 1e-6)
-        mbit = (nbytes_sent + max(0, return_bytes)) * 8 / (transfer_ms * 1e3)
+        if measured_mbit is not None and math.isfinite(measured_mbit) and measured_mbit > 0:
+            mbit = measured_mbit
+        else:
+            rtt = self.rtt_ms or 0.0
+            # The result's bytes ride a downlink the cost model takes as symmetric by default.
+            transfer_ms = max(network_ms - rtt, self.min_transfer_share * network_ms, 1e-6)
+            mbit = (nbytes_sent + max(0, return_bytes)) * 8 / (transfer_ms * 1e3)
         self.filter.update(mbit, now_s)
         if now_s is not None:
             self._recent.append((now_s, mbit))

@@ -29,7 +29,8 @@ queued))`` gives the cut (``CutPlan.id`` is the wire cut id); after the answer,
 ``policy.observe(Feedback(now, cut.id, bytes_sent, answer.network_ms, answer.cloud_queue_ms,
 return_bytes=...))``; before a request, when ``policy.needs_probe(now)``, POST
 ``policy.probe_bytes()`` bytes to /v1/probe, call ``policy.probe_sent(now, n)``, and report
-its round trip (less nothing: the probe handler does no work) as a ``Feedback(probe=True)``.
+its round trip (less nothing: the probe handler does no work) as a ``Feedback(probe=True)``,
+with ``uplink_mbit`` set when the worker timed the body's arrival itself.
 
 Beyond the issue's rule, the adaptive policy also knows what the edge itself has queued:
 the wait for its own earlier transfers on the uplink, the requests waiting behind this
@@ -93,6 +94,7 @@ class Feedback:
     rtt_sample_ms: float | None = None  # an RTT measurement, when the caller has one
     return_bytes: int = 0  # the answer's bytes, down
     probe: bool = False
+    uplink_mbit: float | None = None  # the uplink's rate as the cloud timed the bytes' arrival, when it did
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,7 @@ class Adaptive(Policy):
             feedback.rtt_sample_ms,
             now_s=feedback.now_s,
             return_bytes=feedback.return_bytes,
+            measured_mbit=feedback.uplink_mbit,
         )
         if math.isfinite(feedback.cloud_queue_ms) and feedback.cloud_queue_ms >= 0:
             self.cloud_queue_ms = feedback.cloud_queue_ms

@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from splitinfer.cloud.process import CloudProcess
 from splitinfer.edge.agent import AgentConfig, EdgeAgent, request_input
-from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable
+from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, ProbeTiming
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.errors import UserError
 from splitinfer.models import load_model
@@ -272,6 +272,38 @@ async def test_compression_shrinks_what_is_sent_at_a_small_cost(cloud: str) -> N
     assert none_diff <= 1e-4
     assert 0 < stats["fp16"][1] <= 1e-2 * scale and stats["fp16"][0] < 0.6 * raw_bytes
     assert 0 < stats["int8"][1] <= 0.1 * scale and stats["int8"][0] < 0.35 * raw_bytes
+
+
+async def test_the_worker_times_a_probe_upload_itself(cloud: str) -> None:
+    """A probe body paced at 10 x 4000 bytes, 30 ms apart: the worker reports the bytes
+    after the first chunk and the time they took to arrive, so the rate the edge learns
+    does not depend on when its own (perhaps busy) CPU reads the answer."""
+    import aiohttp
+
+    async def paced():  # noqa: ANN202
+        for i in range(10):
+            if i:
+                await asyncio.sleep(0.03)  # the pacing under test, not a wait for something
+            yield bytes(4000)
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cloud + "/v1/probe", data=paced()) as resp:
+            body = await resp.json()
+    assert body["bytes"] == 40_000 and body["timed_bytes"] == 36_000
+    assert 9 * 30 * 0.9 <= body["upload_ms"] < 2000
+    timing = ProbeTiming(999.0, body["upload_ms"], body["timed_bytes"])
+    assert timing.uplink_mbit() == pytest.approx(36_000 * 8 / (body["upload_ms"] * 1e3))
+    assert timing.uplink_mbit() <= 36_000 * 8 / (9 * 30 * 0.9 * 1e3)  # ~1 Mbit/s, not the loopback's speed
+
+    client = CloudClient(cloud)
+    try:
+        small = await client.post_probe(4000)  # arrives in one read on loopback: no rate
+        assert small.round_trip_ms > 0 and small.uplink_mbit() is None
+    finally:
+        await client.close()
+    assert ProbeTiming(10.0).uplink_mbit() is None  # an older worker: the round trip only
+    assert ProbeTiming(10.0, 0.5, 50_000).uplink_mbit() is None  # too short to time
+    assert ProbeTiming(10.0, 40.0, 50_000).uplink_mbit() == pytest.approx(10.0)
 
 
 async def test_auto_cut_from_fresh_profiles_and_a_given_link(cloud: str) -> None:

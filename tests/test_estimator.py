@@ -84,6 +84,16 @@ def test_a_transfer_shorter_than_the_rtt_is_not_taken_as_infinitely_fast() -> No
     assert est.observe(0, 10.0) is None and est.observe(1000, 0.0) is None  # nothing to learn
 
 
+def test_a_rate_measured_by_the_receiver_wins_over_the_edge_timing() -> None:
+    """The cloud timed a probe's arrival at 5 Mbit/s; the edge, busy with a head, read the
+    answer 200 ms late: the sample is the cloud's rate."""
+    est = LinkEstimator("last", initial_rtt_ms=RTT_MS)
+    late = network_ms(50_000, 5.0) + 200.0
+    assert est.observe(50_000, late, measured_mbit=5.0, now_s=1.0) == pytest.approx(5.0)
+    assert est.observe(50_000, late, now_s=2.0) == pytest.approx(50_000 * 8 / ((late - RTT_MS) * 1e3))
+    assert est.observe(50_000, late, measured_mbit=float("nan"), now_s=3.0) < 2.0  # no measurement: the edge's
+
+
 def test_probing_when_nothing_was_sent_for_a_while() -> None:
     est = LinkEstimator(probe_after_s=1.0, probe_relaxed_s=4.0)
     assert est.needs_probe(0.0)  # never heard of the link

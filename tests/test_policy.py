@@ -183,3 +183,9 @@ def test_adaptive_choice_is_cheap(table: CutTable) -> None:
         feed(pol, i * 0.5, 60_000, 10 ** rng.uniform(0, 2))
         seen.add(pol.choose(i * 0.5 + 0.25).id)
     assert {"edge", "b", "a", "cloud"} <= seen
+
+
+def test_a_probe_timed_by_the_cloud_teaches_its_rate(table: CutTable) -> None:
+    pol = Adaptive(table, LinkEstimator("last", initial_rtt_ms=RTT_MS), rtt_ms=RTT_MS)
+    pol.observe(Feedback(now_s=1.0, cut_id="", bytes_sent=50_000, network_ms=400.0, probe=True, uplink_mbit=30.0))
+    assert pol.estimator.bandwidth_mbit == pytest.approx(30.0)  # not 50 kB in 380 ms

@@ -317,9 +317,11 @@ class CloudClient:
             raise CloudError(ErrorCode.BAD_MESSAGE, f"expected an infer_result, got {type(msg).__name__}")
         return msg
 
-    async def _get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+    async def _http(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """One plain HTTP exchange: the answer's body; unreachable or timed out ->
+        CloudUnavailable, an error status -> CloudError."""
         try:
-            async with self._get_session().get(self.url + path, params=params) as resp:
+            async with self._get_session().request(method, self.url + path, **kwargs) as resp:
                 data = await resp.read()
                 status, ctype = resp.status, resp.content_type
         except asyncio.TimeoutError:
@@ -328,6 +330,10 @@ class CloudClient:
             raise CloudUnavailable(f"cannot reach the cloud at {self.url}: {_describe(exc)}") from None
         if status >= 400:
             raise _http_error(status, ctype, data, self.url + path)
+        return data
+
+    async def _get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        data = await self._http("GET", path, params=params)
         try:
             return json.loads(data)
         except ValueError:
@@ -354,19 +360,8 @@ class CloudClient:
         worker's own timing of the body's arrival."""
         payload = bytes(nbytes)
         start = time.perf_counter()
-        try:
-            async with self._get_session().post(
-                self.url + "/v1/probe", data=payload, headers={"Content-Type": "application/octet-stream"}
-            ) as resp:
-                data = await resp.read()
-                status, ctype = resp.status, resp.content_type
-        except asyncio.TimeoutError:
-            raise CloudUnavailable(f"probe of {self.url} timed out", timeout=True) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise CloudUnavailable(f"cannot reach the cloud at {self.url}: {_describe(exc)}") from None
+        data = await self._http("POST", "/v1/probe", data=payload, headers={"Content-Type": "application/octet-stream"})
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        if status >= 400:
-            raise _http_error(status, ctype, data, self.url + "/v1/probe")
         upload_ms = timed_bytes = None
         try:  # an older worker answers {"bytes": n} only: then the round trip is all there is
             body = json.loads(data)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from splitinfer.cloud.registry import Tail
-from splitinfer.split import outputs_dict
+from splitinfer.core.split import outputs_dict
 
 log = logging.getLogger(__name__)
 

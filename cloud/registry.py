@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from splitinfer.graph import Graph, capture
-from splitinfer.models import LoadedModel, load_model, weights_hash
-from splitinfer.split import SplitModel, split_model
+from splitinfer.core.graph import Graph, capture
+from splitinfer.models.loader import LoadedModel, load_model, weights_hash
+from splitinfer.core.split import SplitModel, split_model
 
 log = logging.getLogger(__name__)
 

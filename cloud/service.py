@@ -20,8 +20,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from splitinfer.cloud.batcher import Batcher, DeadlineExceeded, Overloaded
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import LookupFailed, ModelRegistry, check_inputs
-from splitinfer.codec import DEFAULT_LIMITS, CodecLimits
-from splitinfer.protocol import (
+from splitinfer.wire.codec import DEFAULT_LIMITS, CodecLimits
+from splitinfer.wire.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     ErrorMessage,
@@ -158,7 +158,7 @@ class InferenceService:
 
     def profile(self, model_id: str) -> dict:
         """This worker's own profile of a model (measured once, in a worker thread)."""
-        from splitinfer.profiler import profile_model
+        from splitinfer.core.profiler import profile_model
 
         if model_id not in self._profiles:
             hosted = self.registry.model(model_id, "")

@@ -13,8 +13,8 @@ from aiohttp import web
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import ModelRegistry
 from splitinfer.cloud.service import InferenceService, WorkerConfig, build_app
-from splitinfer.discovery import CLOUD_SERVICE, Advertiser, fit_txt
-from splitinfer.protocol import PROTOCOL_VERSION
+from splitinfer.discovery.mdns import CLOUD_SERVICE, Advertiser, fit_txt
+from splitinfer.wire.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -23,23 +23,23 @@ from typing import Any, Callable
 
 import torch
 
-from splitinfer.codec import parse_compression
-from splitinfer.costmodel import Link
+from splitinfer.wire.codec import parse_compression
+from splitinfer.core.costmodel import Link
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, encode_request, normalize_url
 from splitinfer.edge.fallback import FallbackRunner, top1_confidence
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.edge.pool import CloudPool
 from splitinfer.edge.status import StatusPublisher
-from splitinfer.estimator import LinkEstimator
-from splitinfer.partitioner import CutPlan
-from splitinfer.policy import Adaptive, CutTable, Feedback, PolicyState
+from splitinfer.adapt.estimator import LinkEstimator
+from splitinfer.core.partitioner import CutPlan
+from splitinfer.adapt.policy import Adaptive, CutTable, Feedback, PolicyState
 from splitinfer.errors import UserError
-from splitinfer.graph import EDGE_ONLY
-from splitinfer.models import LoadedModel, load_model
-from splitinfer.profile import Profile
-from splitinfer.protocol import InferRequest
-from splitinfer.reference import load_reference
-from splitinfer.split import max_abs_diff
+from splitinfer.core.graph import EDGE_ONLY
+from splitinfer.models.loader import LoadedModel, load_model
+from splitinfer.core.profile import Profile
+from splitinfer.wire.protocol import InferRequest
+from splitinfer.adapt.reference import load_reference
+from splitinfer.core.split import max_abs_diff
 
 __all__ = ["AgentConfig", "Answer", "EdgeAgent", "latency_stats", "request_input", "summarize"]
 
@@ -356,9 +356,9 @@ class EdgeAgent:
 
     async def _choose_auto(self) -> None:
         """Partition on the bundled profiles (or fresh ones) and the given or probed link."""
-        from splitinfer.bench_compression import model_codec_cost
-        from splitinfer.partitioner import Partitioner
-        from splitinfer.profiler import profile_model
+        from splitinfer.bench.compression import model_codec_cost
+        from splitinfer.core.partitioner import Partitioner
+        from splitinfer.core.profiler import profile_model
 
         cfg, runner = self.config, self.runner
         assert runner is not None

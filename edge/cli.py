@@ -95,7 +95,7 @@ def edge_cmd(
 
 def default_fallback(model: str) -> str | None:
     """A built-in model's student (shipped weights where trained); none for user models."""
-    from splitinfer.students import student_arch, student_spec
+    from splitinfer.models.students import student_arch, student_spec
 
     try:
         student_arch(model)

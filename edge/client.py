@@ -2,7 +2,7 @@
 
 Many requests share the socket: each ``infer`` sends one binary frame and waits on a
 future; one reader task matches answers to futures by request id, so answers may come
-back in any order. Knows messages, not models (see :mod:`splitinfer.protocol`).
+back in any order. Knows messages, not models (see :mod:`splitinfer.wire.protocol`).
 
 Failures come in two kinds: :class:`CloudError` when the worker answered with an error
 message (its ``code`` is the wire code), :class:`CloudUnavailable` when no answer came
@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType
 
-from splitinfer.codec import DEFAULT_LIMITS, CodecLimits
-from splitinfer.profile import Profile
-from splitinfer.protocol import (
+from splitinfer.wire.codec import DEFAULT_LIMITS, CodecLimits
+from splitinfer.core.profile import Profile
+from splitinfer.wire.protocol import (
     ErrorCode,
     ErrorMessage,
     InferRequest,

@@ -14,7 +14,7 @@ import time
 import torch
 
 from splitinfer.edge.head import outputs_dict
-from splitinfer.models import LoadedModel
+from splitinfer.models.loader import LoadedModel
 
 RESERVE_FACTOR = 2.0  # keep this many typical fallback runs of a deadline in reserve
 MIN_RESERVE_MS = 5.0  # plus scheduling slack; small models run in well under this

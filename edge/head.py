@@ -19,9 +19,9 @@ import torch
 import torch.fx as fx
 
 from splitinfer.errors import UserError
-from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture
-from splitinfer.models import LoadedModel, weights_hash
-from splitinfer.split import SplitModel, outputs_dict, split_model
+from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture
+from splitinfer.models.loader import LoadedModel, weights_hash
+from splitinfer.core.split import SplitModel, outputs_dict, split_model
 
 __all__ = ["HeadRunner", "outputs_dict", "EDGE_OUTPUT"]
 

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from splitinfer.discovery import CLOUD_SERVICE, Browser, Peer
+from splitinfer.discovery.mdns import CLOUD_SERVICE, Browser, Peer
 from splitinfer.edge.breaker import CircuitBreaker
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, normalize_url
-from splitinfer.protocol import InferResult
+from splitinfer.wire.protocol import InferResult
 
 log = logging.getLogger(__name__)
 

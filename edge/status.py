@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from splitinfer.discovery import EDGE_SERVICE, Advertiser, fit_txt
+from splitinfer.discovery.mdns import EDGE_SERVICE, Advertiser, fit_txt
 
 if TYPE_CHECKING:
     from splitinfer.edge.agent import EdgeAgent

@@ -40,8 +40,8 @@ def _check_positive(name: str, value: float | None) -> None:
 
 def _profiles(model: str, edge_profile: Path | None, cloud_profile: Path | None) -> tuple[Any, Any]:
     """The given profiles, or the bundled reference ones of a built-in model."""
-    from splitinfer.profile import Profile
-    from splitinfer.reference import load_reference
+    from splitinfer.core.profile import Profile
+    from splitinfer.adapt.reference import load_reference
 
     if (edge_profile is None) != (cloud_profile is None):
         raise UserError("give both --edge-profile and --cloud-profile, or neither (bundled reference profiles)")

@@ -553,7 +553,7 @@ class Emulation:
 
     def _write_profiles(self) -> None:
         """The edge profile scaled by the slowdown, and the cloud's, as files for --cut auto."""
-        from splitinfer.reference import load_reference
+        from splitinfer.adapt.reference import load_reference
 
         edge, cloud = self.edge_profile, self.cloud_profile
         if edge is None or cloud is None:
@@ -773,7 +773,7 @@ def _calibration_child(model: str, forwards: int, seed: int, gap_lo: float, gap_
 
     import torch
 
-    from splitinfer.models import load_model
+    from splitinfer.models.loader import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(model)

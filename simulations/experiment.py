@@ -8,7 +8,7 @@
   ``targets`` checks issue 7's: adaptive mean <= 1.10 x oracle on every trace, and below
   the best static cut on every trace whose bandwidth varies by more than 2x (max/min).
 - ``estimators`` (:func:`run_estimator_experiment`): the adaptive policy with each
-  bandwidth filter of :mod:`splitinfer.estimator`, to pick the default.
+  bandwidth filter of :mod:`splitinfer.adapt.estimator`, to pick the default.
 - ``hysteresis`` (:func:`run_hysteresis_experiment`): the adaptive policy at several margins.
 
 - ``adaptive`` with ``--emulate`` (:func:`run_emulated_experiment`): the same policies on
@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from splitinfer.errors import UserError
-from splitinfer.estimator import FILTERS, LinkEstimator
-from splitinfer.partitioner import Partitioner
-from splitinfer.policy import Adaptive, CutTable, Fixed, Policy
-from splitinfer.profile import Profile
+from splitinfer.adapt.estimator import FILTERS, LinkEstimator
+from splitinfer.core.partitioner import Partitioner
+from splitinfer.adapt.policy import Adaptive, CutTable, Fixed, Policy
+from splitinfer.core.profile import Profile
 from splitinfer.simulations.simulator import _COLORS, PolicyRun, SimConfig, SimResult, Simulator, plot_result
 from splitinfer.simulations.traces import Trace, bundled_trace_names, load_trace
 
@@ -105,7 +105,7 @@ def load_model_profiles(model: str, profiles_dir: Path | None = None) -> tuple[P
     if profiles_dir is not None:
         d = Path(profiles_dir) / model
         return Profile.load(d / "edge.json"), Profile.load(d / "cloud.json")
-    from splitinfer.reference import load_reference
+    from splitinfer.adapt.reference import load_reference
 
     ref = load_reference(model)
     if ref is None:

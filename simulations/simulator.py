@@ -11,7 +11,7 @@ arrival.
 
 Nothing of the cost model is re-derived here: each cut's compute times come from its
 cost-model breakdown, transfer times from the trace (the only part that varies in time),
-and the policies are the real ones (:mod:`splitinfer.policy`), fed the simulated answers
+and the policies are the real ones (:mod:`splitinfer.adapt.policy`), fed the simulated answers
 exactly as the edge agent feeds them real ones: bytes sent and the network share of the
 round trip (the cloud's queue and compute time removed), delivered at the time the
 answer arrives, plus the cloud's queue delay. A policy that asks for a probe gets one (a
@@ -33,12 +33,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from splitinfer.costmodel import NO_CODEC, CodecCost, transfer_ms
+from splitinfer.core.costmodel import NO_CODEC, CodecCost, transfer_ms
 from splitinfer.errors import UserError
-from splitinfer.graph import EDGE_ONLY
-from splitinfer.partitioner import CutPlan, Partitioner
-from splitinfer.policy import POLICY_NAMES, CutTable, Feedback, Policy, PolicyState, make_policy
-from splitinfer.profile import Profile
+from splitinfer.core.graph import EDGE_ONLY
+from splitinfer.core.partitioner import CutPlan, Partitioner
+from splitinfer.adapt.policy import POLICY_NAMES, CutTable, Feedback, Policy, PolicyState, make_policy
+from splitinfer.core.profile import Profile
 from splitinfer.simulations.traces import Trace
 
 __all__ = ["PolicyRun", "SimConfig", "SimResult", "Simulator", "parse_policies", "plot_result", "simulate"]

@@ -48,7 +48,7 @@ def _positive(name: str, value: float | None) -> None:
 @app.command("models")
 def models_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List the built-in models with their parameters and FLOPs."""
-    from splitinfer.models import builtin_models, count_flops, count_parameters, load_model
+    from splitinfer.models.loader import builtin_models, count_flops, count_parameters, load_model
 
     rows = []
     for info in builtin_models():
@@ -94,8 +94,8 @@ def profile_cmd(
     """Measure every node's latency and output bytes on this device."""
     from rich.progress import Progress
 
-    from splitinfer.models import load_model, weights_hash
-    from splitinfer.profiler import profile_model
+    from splitinfer.models.loader import load_model, weights_hash
+    from splitinfer.core.profiler import profile_model
 
     for name, value in (("--threads", threads), ("--batch", batch), ("--repeats", repeats), ("--slowdown", slowdown)):
         _positive(name, value)
@@ -129,16 +129,16 @@ def scale_cmd(
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
     """Write a copy of a profile for a device K times slower (or faster, K < 1)."""
-    from splitinfer.profile import Profile
+    from splitinfer.core.profile import Profile
 
     Profile.load(profile).scaled(factor).save(out)
 
 
 # ------------------------------------------------------------------------ partition
 def _load_checked_profiles(model: str, edge_profile: Path, cloud_profile: Path) -> tuple[Any, Any]:
-    from splitinfer.graph import capture
-    from splitinfer.models import load_model
-    from splitinfer.profile import Profile
+    from splitinfer.core.graph import capture
+    from splitinfer.models.loader import load_model
+    from splitinfer.core.profile import Profile
 
     edge = Profile.load(edge_profile)
     cloud = Profile.load(cloud_profile)
@@ -167,11 +167,11 @@ def partition_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Choose the cut with the lowest predicted latency for a link."""
-    from splitinfer.bench_compression import model_codec_cost
-    from splitinfer.codec import parse_compression
-    from splitinfer.costmodel import Link
-    from splitinfer.models import load_model
-    from splitinfer.partitioner import Partitioner
+    from splitinfer.bench.compression import model_codec_cost
+    from splitinfer.wire.codec import parse_compression
+    from splitinfer.core.costmodel import Link
+    from splitinfer.models.loader import load_model
+    from splitinfer.core.partitioner import Partitioner
 
     link = Link(uplink_mbit=bandwidth, rtt_ms=rtt, downlink_mbit=downlink)
     try:
@@ -218,8 +218,8 @@ def inspect_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="check head+tail against the full model"),
 ) -> None:
     """Show every candidate cut with its crossing tensors and check each split."""
-    from splitinfer.verify import inspect_model
-    from splitinfer.models import load_model
+    from splitinfer.core.verify import inspect_model
+    from splitinfer.models.loader import load_model
 
     lm = load_model(model)
     report = inspect_model(lm.name, lm.module, lm.example_input, verify=verify)
@@ -254,7 +254,7 @@ def reference_cmd(
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Profile built-in models as edge and cloud on this machine; write profiles, plans, a summary."""
-    from splitinfer.reference import build_reference, summary_markdown
+    from splitinfer.adapt.reference import build_reference, summary_markdown
 
     names = [m.strip() for m in models.split(",")] if models else None
     summary = build_reference(
@@ -278,7 +278,7 @@ def ls_cmd(
     """Running cloud workers and edge agents on this network (mDNS)."""
     import asyncio
 
-    from splitinfer.discovery import browse_all
+    from splitinfer.discovery.mdns import browse_all
 
     _positive("--timeout", timeout)
     found = asyncio.run(browse_all(timeout, interface))
@@ -313,7 +313,7 @@ def bench_codec_cmd(
     sizes: str = typer.Option("1,10,100", "--sizes", help="tensor sizes in MB"),
 ) -> None:
     """Encode+decode throughput of this codec vs pickle protocol 5 and torch.save."""
-    from splitinfer.bench_codec import run_codec_bench
+    from splitinfer.bench.codec import run_codec_bench
 
     try:
         size_list = tuple(int(s) for s in sizes.split(","))
@@ -339,15 +339,15 @@ def bench_compression_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Bytes saved, codec time and top-1 agreement of fp16/int8 (+lz4/zstd) activations."""
-    from splitinfer.bench_compression import run_compression_bench
-    from splitinfer.models import load_model
+    from splitinfer.bench.compression import run_compression_bench
+    from splitinfer.models.loader import load_model
 
     _positive("--cuts", cuts)
     _positive("--samples", samples)
     lm = load_model(model)
     labels = None
     if lm.name.endswith("digits"):
-        from splitinfer.data import digits_dataset
+        from splitinfer.models.data import digits_dataset
 
         data = digits_dataset(lm.input_shape)
         inputs, labels = data.x_test[:samples], data.y_test[:samples]
@@ -374,7 +374,7 @@ def bench_confidence_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Accuracy, latency and cloud traffic of --confidence-exit P on held-out digits."""
-    from splitinfer.bench_confidence import run_confidence_bench
+    from splitinfer.bench.confidence import run_confidence_bench
 
     try:
         parsed = tuple(None if v.strip() == "none" else float(v) for v in levels.split(","))
@@ -406,7 +406,7 @@ def bench_cloud_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Worker throughput and p50/p95 latency with batching on and off."""
-    from splitinfer.bench_cloud import BenchSettings, run_cloud_bench
+    from splitinfer.bench.cloud import BenchSettings, run_cloud_bench
 
     try:
         levels = tuple(int(c) for c in concurrency.split(","))
@@ -437,8 +437,8 @@ def _register_service_commands() -> None:
 
     from splitinfer.edge.cli import edge_cmd
     from splitinfer.simulations.cli import emulate_cmd, experiment_cmd, simulate_cmd
-    from splitinfer.demo import demo_cmd
-    from splitinfer.training_cli import distill_cmd, evaluate_cmd, train_cmd
+    from splitinfer.demo.app import demo_cmd
+    from splitinfer.train.cli import distill_cmd, evaluate_cmd, train_cmd
 
     app.command("cloud")(cloud_cmd)
     app.command("edge")(edge_cmd)

@@ -55,7 +55,7 @@ def test_bench_compression_on_digits() -> None:
 def test_codec_cost_counts_compressed_bytes() -> None:
     import torch
 
-    from splitinfer.bench_compression import codec_cost
+    from splitinfer.bench.compression import codec_cost
 
     sample = {"a": torch.relu(torch.randn(1, 64, 28, 28))}
     assert codec_cost("none", sample).size_ratio == 1.0

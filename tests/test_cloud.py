@@ -16,11 +16,11 @@ import torch
 
 from splitinfer.cloud.service import WorkerConfig
 from splitinfer.cloud.worker import CloudWorker
-from splitinfer.codec import CodecLimits
-from splitinfer.graph import capture
-from splitinfer.models import load_model, weights_hash
-from splitinfer.protocol import ErrorMessage, InferRequest, InferResult, decode_message, encode_message
-from splitinfer.split import split_model
+from splitinfer.wire.codec import CodecLimits
+from splitinfer.core.graph import capture
+from splitinfer.models.loader import load_model, weights_hash
+from splitinfer.wire.protocol import ErrorMessage, InferRequest, InferResult, decode_message, encode_message
+from splitinfer.core.split import split_model
 
 MODEL = "tinycnn"
 

@@ -15,8 +15,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitinfer import codec
-from splitinfer.codec import (
+from splitinfer.wire import codec
+from splitinfer.wire.codec import (
     CodecError,
     CodecLimits,
     Compression,

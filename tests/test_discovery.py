@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from splitinfer.discovery import CLOUD_SERVICE, MAX_ENTRY_BYTES, MAX_TXT_BYTES, Browser, fit_txt, txt_size
+from splitinfer.discovery.mdns import CLOUD_SERVICE, MAX_ENTRY_BYTES, MAX_TXT_BYTES, Browser, fit_txt, txt_size
 
 ROOT = Path(__file__).resolve().parents[1]
 LO = "127.0.0.1"  # no test sends multicast off this machine

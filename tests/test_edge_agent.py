@@ -25,9 +25,9 @@ from splitinfer.edge.agent import AgentConfig, EdgeAgent, request_input
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, ProbeTiming
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.errors import UserError
-from splitinfer.models import load_model
-from splitinfer.protocol import InferRequest, InferResult, decode_message, encode_message
-from splitinfer.split import max_abs_diff
+from splitinfer.models.loader import load_model
+from splitinfer.wire.protocol import InferRequest, InferResult, decode_message, encode_message
+from splitinfer.core.split import max_abs_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = "tests/data/custom_model.py:build"

@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from splitinfer.costmodel import transfer_ms
+from splitinfer.core.costmodel import transfer_ms
 from splitinfer.errors import UserError
 from splitinfer.simulations.delayline import DelayLine, Direction
 from splitinfer.simulations.emulate import (
@@ -239,7 +239,7 @@ def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_experiment_emulate_options_and_table() -> None:
     """`experiment adaptive --emulate`: its cuts per policy, its checks, its table (no run)."""
     from splitinfer.cli import app
-    from splitinfer.reference import load_reference
+    from splitinfer.adapt.reference import load_reference
     from splitinfer.simulations.experiment import emulated_cut, emulated_markdown
     from splitinfer.simulations.simulator import SimConfig, Simulator
     from splitinfer.simulations.traces import load_trace

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from splitinfer.costmodel import transfer_ms
+from splitinfer.core.costmodel import transfer_ms
 from splitinfer.errors import UserError
-from splitinfer.estimator import (
+from splitinfer.adapt.estimator import (
     DEFAULT_FILTER,
     FILTERS,
     Ewma,

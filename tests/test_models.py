@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from splitinfer.errors import UserError
-from splitinfer.models import (
+from splitinfer.models.loader import (
     LoadedModel,
     ModelInfo,
     builtin_models,
@@ -172,7 +172,7 @@ def test_weights_hash_same_in_another_process() -> None:
         f"""
         import torch
         torch.set_num_threads(1)
-        from splitinfer.models import load_model, weights_hash
+        from splitinfer.models.loader import load_model, weights_hash
         for name in {names!r}:
             print(weights_hash(load_model(name).module))
         """

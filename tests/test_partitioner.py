@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from splitinfer.costmodel import CodecCost, Link, predict
-from splitinfer.graph import Graph, GraphNode
-from splitinfer.partitioner import Partitioner
-from splitinfer.profile import Profile
+from splitinfer.core.costmodel import CodecCost, Link, predict
+from splitinfer.core.graph import Graph, GraphNode
+from splitinfer.core.partitioner import Partitioner
+from splitinfer.core.profile import Profile
 
 
 def random_profiles(rng: random.Random, n: int) -> tuple[Profile, Profile]:

@@ -12,11 +12,11 @@ import random
 import numpy as np
 import pytest
 
-from splitinfer.costmodel import Link, predict
+from splitinfer.core.costmodel import Link, predict
 from splitinfer.errors import UserError
-from splitinfer.estimator import LinkEstimator
-from splitinfer.partitioner import Partitioner
-from splitinfer.policy import (
+from splitinfer.adapt.estimator import LinkEstimator
+from splitinfer.core.partitioner import Partitioner
+from splitinfer.adapt.policy import (
     Adaptive,
     CloudOnly,
     CutTable,

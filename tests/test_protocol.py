@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitinfer import codec
-from splitinfer.codec import CodecError, CodecLimits
-from splitinfer.protocol import (
+from splitinfer.wire import codec
+from splitinfer.wire.codec import CodecError, CodecLimits
+from splitinfer.wire.protocol import (
     HTTP_STATUS,
     PROTOCOL_VERSION,
     ErrorCode,

@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from splitinfer.costmodel import transfer_ms
+from splitinfer.core.costmodel import transfer_ms
 from splitinfer.errors import UserError
 from splitinfer.simulations.cli import experiment_cmd, simulate_cmd
 from splitinfer.simulations.experiment import ExperimentConfig, resolve_traces, run_experiment

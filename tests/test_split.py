@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitinfer.graph import capture
-from splitinfer.models import builtin_models, load_model
-from splitinfer.split import max_abs_diff, split_model
-from splitinfer.verify import TOLERANCE, candidate_heads, inspect_model
+from splitinfer.core.graph import capture
+from splitinfer.models.loader import builtin_models, load_model
+from splitinfer.core.split import max_abs_diff, split_model
+from splitinfer.core.verify import TOLERANCE, candidate_heads, inspect_model
 
 # The graph surgery does not depend on the spatial size, so the 224x224 models are
 # checked on 32x32 or 64x64 inputs (their adaptive pools accept them): same cuts, far less work.

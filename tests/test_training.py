@@ -13,13 +13,13 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from splitinfer.data import DIGITS_MEAN, DIGITS_STD, digits_dataset, preprocess, split_indices
+from splitinfer.models.data import DIGITS_MEAN, DIGITS_STD, digits_dataset, preprocess, split_indices
 from splitinfer.errors import UserError
-from splitinfer.models import builtin_models, load_model, weights_hash
-from splitinfer.pretrained import read_weights, save_weights, weights_dir
-from splitinfer.quantize import quantize_student
-from splitinfer.students import MICRO32, MINI224, build_student, default_student, student_arch
-from splitinfer.training import (
+from splitinfer.models.loader import builtin_models, load_model, weights_hash
+from splitinfer.models.pretrained import read_weights, save_weights, weights_dir
+from splitinfer.models.quantize import quantize_student
+from splitinfer.models.students import MICRO32, MINI224, build_student, default_student, student_arch
+from splitinfer.train.training import (
     DistillConfig,
     TrainConfig,
     accuracy,
@@ -28,7 +28,7 @@ from splitinfer.training import (
     evaluate,
     fit,
 )
-from splitinfer.training_cli import distill_cmd, evaluate_cmd, train_cmd
+from splitinfer.train.cli import distill_cmd, evaluate_cmd, train_cmd
 
 # What the shipped weights reach on the held-out split (98.9 % each), minus a margin.
 TEACHER_MIN_ACC = 0.97

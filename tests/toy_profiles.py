@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from splitinfer.graph import Graph, GraphNode
-from splitinfer.profile import Profile
+from splitinfer.core.graph import Graph, GraphNode
+from splitinfer.core.profile import Profile
 
 
 def toy_profiles(edge_scale: float = 1.0) -> tuple[Profile, Profile]:

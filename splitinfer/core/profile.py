@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from splitinfer.errors import UserError
-from splitinfer.graph import Graph
+from splitinfer.core.graph import Graph
 
 PROFILE_FORMAT = 1
 

@@ -8,9 +8,9 @@ import asyncio
 from typing import Any
 
 from splitinfer.cloud.process import CloudProcess
-from splitinfer.data import digits_dataset
+from splitinfer.models.data import digits_dataset
 from splitinfer.edge.agent import AgentConfig, EdgeAgent, latency_stats
-from splitinfer.models import load_model
+from splitinfer.models.loader import load_model
 
 
 async def _run_level(url: str, model: str, fallback: str, p: float | None, xs: Any, ys: Any) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from splitinfer.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, predict, upload_ms
-from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY, Graph, cut_kind
-from splitinfer.profile import Profile
+from splitinfer.core.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, predict, upload_ms
+from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, cut_kind
+from splitinfer.core.profile import Profile
 
 _SOURCE = "__edge__"
 _SINK = "__cloud__"

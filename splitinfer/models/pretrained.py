@@ -14,11 +14,11 @@ builds ``arch`` and loads the state_dict into it (strictly: every key, every sha
 Specs handled here, besides plain files (``load_model`` hands them over):
 
 * ``tinycnn-digits``: tinycnn with the weights in ``weights/tinycnn-digits.pt``
-  (a built-in entry of its own in ``splitinfer.models``);
-* ``student:M``: the default student of built-in model M (``splitinfer.students``),
+  (a built-in entry of its own in ``splitinfer.models.loader``);
+* ``student:M``: the default student of built-in model M (``splitinfer.models.students``),
   with the weights in ``weights/student-M.pt`` when that file exists, else its
   seeded random initialisation;
-* ``int8:S``: model S, statically quantized to int8 (``splitinfer.quantize``).
+* ``int8:S``: model S, statically quantized to int8 (``splitinfer.models.quantize``).
 
 Edge and cloud compare ``weights_hash`` of the loaded module, which covers every
 trained tensor, so a different weights file on one side is detected.
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from splitinfer import zoo
+from splitinfer.models import zoo
 from splitinfer.errors import UserError
 
 if TYPE_CHECKING:
-    from splitinfer.models import LoadedModel
+    from splitinfer.models.loader import LoadedModel
 
 __all__ = [
     "DERIVED_PREFIXES",
@@ -190,16 +190,16 @@ def is_derived_spec(spec: str) -> bool:
 
 def load_derived(spec: str) -> LoadedModel:
     """Load ``student:M``, ``int8:S`` or a weights file ``path/to/file.pt``."""
-    from splitinfer.models import LoadedModel, load_model
+    from splitinfer.models.loader import LoadedModel, load_model
 
     if spec.startswith(INT8_PREFIX):
-        from splitinfer.quantize import quantize_model
+        from splitinfer.models.quantize import quantize_model
 
         inner = load_model(spec[len(INT8_PREFIX) :])
         module = quantize_model(inner.module, inner.input_shape)
         return LoadedModel(name=spec, module=module, example_input=inner.example_input)
     if spec.startswith(STUDENT_PREFIX):
-        from splitinfer.students import load_student
+        from splitinfer.models.students import load_student
 
         return load_student(spec[len(STUDENT_PREFIX) :])
     weights = read_weights(Path(spec).expanduser())

@@ -19,10 +19,10 @@ import torch
 
 from splitinfer.cloud.process import CloudProcess
 from splitinfer.errors import UserError
-from splitinfer.graph import capture
-from splitinfer.models import load_model, weights_hash
-from splitinfer.protocol import InferRequest, InferResult, decode_message, encode_message
-from splitinfer.split import split_model
+from splitinfer.core.graph import capture
+from splitinfer.models.loader import load_model, weights_hash
+from splitinfer.wire.protocol import InferRequest, InferResult, decode_message, encode_message
+from splitinfer.core.split import split_model
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Versioned wire messages between edge and cloud: request, result, error.
 
 Every message is one msgpack map with ``"v"`` (the protocol version) and ``"type"``;
-tensors travel as codec entries (see :mod:`splitinfer.codec`). Decoding untrusted bytes
+tensors travel as codec entries (see :mod:`splitinfer.wire.codec`). Decoding untrusted bytes
 raises only :class:`ProtocolError`, whose ``code`` maps to an HTTP status in
 :data:`HTTP_STATUS` and whose ``request_id`` is set whenever the id could be read, so a
 server can always answer with an :class:`ErrorMessage` for the right request.
@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from splitinfer.codec import (
+from splitinfer.wire.codec import (
     DEFAULT_LIMITS,
     CodecError,
     CodecLimits,
@@ -246,7 +246,7 @@ def encode_message(msg: Message, compression: str | Compression | None = None) -
 def decode_message(data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS) -> Message:
     """Parse and validate untrusted bytes; raises only :class:`ProtocolError`.
 
-    Uncompressed tensors are views of ``data`` (see :func:`splitinfer.codec.decode_tensors`).
+    Uncompressed tensors are views of ``data`` (see :func:`splitinfer.wire.codec.decode_tensors`).
     """
     try:
         d = unpack(data, limits)

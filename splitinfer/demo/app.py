@@ -6,7 +6,7 @@
 What runs (all real processes, torn down on exit, Ctrl-C and failure):
 
 - a **cloud worker** (``splitinfer cloud``, advertised over mDNS) and an **edge driver**
-  (this module run as ``python -m splitinfer.demo CONFIG``: an :class:`EdgeAgent` with
+  (this module run as ``python -m splitinfer.demo.app CONFIG``: an :class:`EdgeAgent` with
   ``cut="auto"``, a deadline and the distilled student as fallback, that finds the worker
   through zeroconf and prints one JSON line per answered request);
 - the **link** between them: as root, two network namespaces joined by a veth pair
@@ -111,7 +111,7 @@ class DemoPlan:
 def _bundled_profiles(model: str) -> tuple[Any, Any]:
     import importlib.resources
 
-    from splitinfer.profile import Profile
+    from splitinfer.core.profile import Profile
 
     root = importlib.resources.files("splitinfer.partitions") / model
     edge, cloud = root / "edge.json", root / "cloud.json"
@@ -124,10 +124,10 @@ def _bundled_profiles(model: str) -> tuple[Any, Any]:
 def crossover_mbit(edge: Any, cloud: Any, slowdown: float, rtt_ms: float = PLAN_RTT_MS) -> float | None:
     """The lowest uplink (0.1..1000 Mbit/s) at which the cost model prefers a cloud cut
     to running the whole model on an edge `slowdown` times slower (None: never)."""
-    from splitinfer.costmodel import Link
-    from splitinfer.graph import EDGE_ONLY
-    from splitinfer.partitioner import Partitioner
-    from splitinfer.policy import CutTable
+    from splitinfer.core.costmodel import Link
+    from splitinfer.core.graph import EDGE_ONLY
+    from splitinfer.core.partitioner import Partitioner
+    from splitinfer.adapt.policy import CutTable
 
     table = CutTable(Partitioner(edge.scaled(slowdown) if slowdown != 1 else edge, cloud))
     steps = 400
@@ -155,7 +155,7 @@ def plan_demo(
 ) -> DemoPlan:
     """The schedule, bandwidths and edge slow-down for one demo run (see the module docstring)."""
     from splitinfer.edge.cli import default_fallback
-    from splitinfer.models import load_model
+    from splitinfer.models.loader import load_model
 
     if stop_signal not in ("kill", "term"):
         raise UserError(f"--stop must be kill or term, got {stop_signal!r}")
@@ -269,10 +269,10 @@ async def _slow_edge(agent: Any, k: float) -> None:
     on the edge's torch thread for heads, so later heads queue behind it as on a slow CPU.
     Padding to a fixed time (rather than multiplying each run by k) keeps this machine's
     jitter from being multiplied by k too."""
-    from splitinfer.costmodel import Link
-    from splitinfer.estimator import LinkEstimator
-    from splitinfer.partitioner import Partitioner
-    from splitinfer.policy import Adaptive, CutTable, Feedback
+    from splitinfer.core.costmodel import Link
+    from splitinfer.adapt.estimator import LinkEstimator
+    from splitinfer.core.partitioner import Partitioner
+    from splitinfer.adapt.policy import Adaptive, CutTable, Feedback
 
     runner, fb = agent.runner, agent.fallback
     edge, cloud = _bundled_profiles(runner.name)
@@ -345,8 +345,8 @@ async def _drive(cfg: dict[str, Any]) -> None:
     labels: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
     if cfg["digits"]:
-        from splitinfer.data import digits_dataset
-        from splitinfer.models import load_model
+        from splitinfer.models.data import digits_dataset
+        from splitinfer.models.loader import load_model
 
         data = await asyncio.to_thread(digits_dataset, tuple(load_model(cfg["model"]).input_shape))
         inputs, labels = data.x_test, data.y_test
@@ -402,7 +402,7 @@ async def _drive(cfg: dict[str, Any]) -> None:
 
 
 def driver_main(argv: Sequence[str]) -> int:
-    """`python -m splitinfer.demo CONFIG_JSON`: the edge side of the demo."""
+    """`python -m splitinfer.demo.app CONFIG_JSON`: the edge side of the demo."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
         sys.stderr.write("this is the edge side of `splitinfer demo`: run `splitinfer demo` instead\n")
@@ -714,7 +714,7 @@ class _Demo:
             "initial_mbit": plan.phases[0].mbit, "wait_s": 15.0,
         }  # fmt: skip
         edge = subprocess.Popen(
-            [*link.prefix("edge"), sys.executable, "-m", "splitinfer.demo", json.dumps(cfg)],
+            [*link.prefix("edge"), sys.executable, "-m", "splitinfer.demo.app", json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
         self.edge = self.procs.edge = edge

@@ -3,7 +3,7 @@
 ``load_model(spec)`` takes a built-in name (``resnet18``), a file
 (``path/to/file.py:build``) or an importable module (``package.module:build``);
 trained and derived models too: ``student:M``, ``int8:S`` and weights files
-``path/to/file.pt`` (see ``splitinfer.pretrained``).
+``path/to/file.pt`` (see ``splitinfer.models.pretrained``).
 A user function takes no arguments and returns ``(nn.Module, example_input)``.
 Anything the user can get wrong ends in a one-line ``UserError``.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitinfer import pretrained, zoo
+from splitinfer.models import pretrained, zoo
 from splitinfer.errors import UserError
 
 __all__ = [

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from splitinfer.graph import Graph, capture, cut_kind
-from splitinfer.split import max_abs_diff, split_model
+from splitinfer.core.graph import Graph, capture, cut_kind
+from splitinfer.core.split import max_abs_diff, split_model
 
 TOLERANCE = 1e-5  # float32: a split runs the very same ops, so any real drift is a bug
 

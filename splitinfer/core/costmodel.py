@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from splitinfer.errors import UserError
-from splitinfer.profile import Profile
+from splitinfer.core.profile import Profile
 
 
 @dataclass(frozen=True)

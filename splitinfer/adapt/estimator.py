@@ -54,7 +54,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from splitinfer.costmodel import Link
+from splitinfer.core.costmodel import Link
 from splitinfer.errors import UserError
 
 __all__ = [

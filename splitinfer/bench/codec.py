@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from splitinfer.protocol import InferRequest, decode_message, encode_message
+from splitinfer.wire.protocol import InferRequest, decode_message, encode_message
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from splitinfer.costmodel import Link
-from splitinfer.models import builtin_models, load_model, weights_hash
-from splitinfer.partitioner import Partitioner
-from splitinfer.profile import Profile
-from splitinfer.profiler import profile_model
+from splitinfer.core.costmodel import Link
+from splitinfer.models.loader import builtin_models, load_model, weights_hash
+from splitinfer.core.partitioner import Partitioner
+from splitinfer.core.profile import Profile
+from splitinfer.core.profiler import profile_model
 
 # Uplinks of the split-computing literature (DADS' CAT1, Neurosurgeon's 3G/4G/Wi-Fi) and a LAN.
 REFERENCE_MBIT = (0.13, 1.1, 5.85, 18.88, 100.0)

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitinfer.data import NUM_DIGIT_CLASSES, DigitsData, digits_dataset
+from splitinfer.models.data import NUM_DIGIT_CLASSES, DigitsData, digits_dataset
 from splitinfer.errors import UserError
-from splitinfer.models import LoadedModel, count_parameters, load_model, weights_hash
-from splitinfer.profiler import torch_threads
+from splitinfer.models.loader import LoadedModel, count_parameters, load_model, weights_hash
+from splitinfer.core.profiler import torch_threads
 
 __all__ = [
     "DistillConfig",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from splitinfer.graph import Graph
+from splitinfer.core.graph import Graph
 
 
 @dataclass

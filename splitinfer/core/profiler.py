@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import torch
 import torch.fx as fx
 
-from splitinfer.graph import Graph, capture
-from splitinfer.profile import Profile
+from splitinfer.core.graph import Graph, capture
+from splitinfer.core.profile import Profile
 
 log = logging.getLogger(__name__)
 

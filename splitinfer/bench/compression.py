@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from splitinfer.codec import decode_tensors, encode_tensors, encoded_nbytes, pack, unpack
-from splitinfer.costmodel import CodecCost
-from splitinfer.graph import capture
-from splitinfer.models import LoadedModel
-from splitinfer.split import split_model
-from splitinfer.verify import candidate_heads
+from splitinfer.wire.codec import decode_tensors, encode_tensors, encoded_nbytes, pack, unpack
+from splitinfer.core.costmodel import CodecCost
+from splitinfer.core.graph import capture
+from splitinfer.models.loader import LoadedModel
+from splitinfer.core.split import split_model
+from splitinfer.core.verify import candidate_heads
 
 COMPRESSIONS = ("none", "fp16", "int8", "int8+zstd", "fp16+lz4")
 

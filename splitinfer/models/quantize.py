@@ -67,7 +67,7 @@ def quantize_model(
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     if calibration is None:
-        from splitinfer.data import digits_dataset
+        from splitinfer.models.data import digits_dataset
 
         calibration = digits_dataset(input_shape, max_train=CALIBRATION_IMAGES, max_test=1).x_train
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules()):

@@ -71,9 +71,9 @@ def train_cmd(
     """Train a model on scikit-learn's digits (fixed 80/20 split) and write its weights."""
     import torch
 
-    from splitinfer.models import weights_hash
-    from splitinfer.pretrained import architecture_spec, read_weights, save_weights, shipped_weights
-    from splitinfer.training import TrainConfig, train_teacher
+    from splitinfer.models.loader import weights_hash
+    from splitinfer.models.pretrained import architecture_spec, read_weights, save_weights, shipped_weights
+    from splitinfer.train.training import TrainConfig, train_teacher
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, max_train=max_train)
     cfg.check()
@@ -87,7 +87,7 @@ def train_cmd(
     meta = {
         "kind": "trained",
         "model": model,
-        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.data)",
+        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.models.data)",
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
@@ -154,10 +154,10 @@ def distill_cmd(
     """Distill a teacher into a small student on digits: alpha*CE + (1-alpha)*T^2*KL."""
     import torch
 
-    from splitinfer.models import weights_hash
-    from splitinfer.pretrained import architecture_spec, save_weights
-    from splitinfer.students import default_student
-    from splitinfer.training import DistillConfig, accuracy, distill
+    from splitinfer.models.loader import weights_hash
+    from splitinfer.models.pretrained import architecture_spec, save_weights
+    from splitinfer.models.students import default_student
+    from splitinfer.train.training import DistillConfig, accuracy, distill
 
     cfg = DistillConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, max_train=max_train,
@@ -174,8 +174,8 @@ def distill_cmd(
     lm, result, teacher_acc = made.student, made.result, made.teacher_accuracy
     int8_acc: float | None = None
     if int8:
-        from splitinfer.data import digits_dataset
-        from splitinfer.quantize import quantize_model
+        from splitinfer.models.data import digits_dataset
+        from splitinfer.models.quantize import quantize_model
 
         q = quantize_model(lm.module, lm.input_shape)
         data = digits_dataset(lm.input_shape, max_train=1, max_test=max_test)
@@ -186,7 +186,7 @@ def distill_cmd(
         "teacher_hash": made.teacher_hash,
         "teacher_accuracy": teacher_acc,
         "student": student_spec,
-        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.data)",
+        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.models.data)",
         "epochs": epochs,
         "alpha": alpha,
         "temperature": temperature,
@@ -240,8 +240,8 @@ def evaluate_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Held-out digits accuracy, size and batch-1 edge latency of models."""
-    from splitinfer.data import HELD_OUT_FRACTION, SPLIT_SEED
-    from splitinfer.training import evaluate
+    from splitinfer.models.data import HELD_OUT_FRACTION, SPLIT_SEED
+    from splitinfer.train.training import evaluate
 
     rows = [evaluate(spec, threads=threads, max_test=max_test) for spec in model]
     if json_out:

@@ -3,14 +3,14 @@
 
 A policy answers :meth:`Policy.choose` per request and learns from :meth:`Policy.observe`
 (one :class:`Feedback` per finished transfer). Every latency it compares comes from the
-cost model (:func:`splitinfer.costmodel.combine`, fed a cut's own breakdown); the cuts
+cost model (:func:`splitinfer.core.costmodel.combine`, fed a cut's own breakdown); the cuts
 come from the partitioner's bandwidth envelope, computed once in a :class:`CutTable`,
 so a choice is a bisection plus two or three cost-model evaluations.
 
 - :class:`EdgeOnly`, :class:`CloudOnly`, :class:`Fixed`: one cut, always.
 - :class:`Static` (Neurosurgeon): the best cut for one given bandwidth (the mean), fixed.
 - :class:`Adaptive`: per request, the envelope cut for the *estimated* bandwidth
-  (:class:`splitinfer.estimator.LinkEstimator`, fed only by observed transfers), with the
+  (:class:`splitinfer.adapt.estimator.LinkEstimator`, fed only by observed transfers), with the
   cloud's last reported queue delay added to the cloud side; hysteresis keeps the
   current cut unless the new one is predicted faster by more than ``margin`` (relative)
   and ``margin_ms``. Switching itself is free (the cloud serves every cut), so the
@@ -54,11 +54,11 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable
 
-from splitinfer.costmodel import NO_CODEC, CodecCost, Link, combine, transfer_ms
+from splitinfer.core.costmodel import NO_CODEC, CodecCost, Link, combine, transfer_ms
 from splitinfer.errors import UserError
-from splitinfer.estimator import LinkEstimator
-from splitinfer.graph import CLOUD_ONLY, EDGE_ONLY
-from splitinfer.partitioner import ENVELOPE_MAX_MBIT, ENVELOPE_MIN_MBIT, CutPlan, EnvelopeEntry, Partitioner
+from splitinfer.adapt.estimator import LinkEstimator
+from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY
+from splitinfer.core.partitioner import ENVELOPE_MAX_MBIT, ENVELOPE_MIN_MBIT, CutPlan, EnvelopeEntry, Partitioner
 
 __all__ = [
     "POLICY_NAMES",

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from splitinfer.errors import UserError
-from splitinfer.models import LoadedModel, builtin_models
-from splitinfer.pretrained import STUDENT_PREFIX, TRAINED, load_weights_into, read_weights, shipped_weights
+from splitinfer.models.loader import LoadedModel, builtin_models
+from splitinfer.models.pretrained import STUDENT_PREFIX, TRAINED, load_weights_into, read_weights, shipped_weights
 
 __all__ = [
     "MICRO32",

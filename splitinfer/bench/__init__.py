@@ -1,0 +1,1 @@
+"""Benchmarks that print JSON (`splitinfer bench ...`): codec, cloud worker, compression, confidence exit."""

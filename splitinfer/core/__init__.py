@@ -1,0 +1,1 @@
+"""The cut math: graph capture, profiles and the profiler, the cost model, the partitioner, split and verify."""

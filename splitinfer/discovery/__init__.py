@@ -1,0 +1,1 @@
+"""Finding peers: advertise and browse cloud workers and edge agents (zeroconf / mDNS)."""

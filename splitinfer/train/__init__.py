@@ -1,0 +1,1 @@
+"""Training: the digits teacher, distilled students, evaluation and their commands."""

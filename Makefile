@@ -22,8 +22,11 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/splitinfer demo
 
+# -P keeps the checkout off sys.path: the tests import the installed splitinfer, so an
+# editable and a plain `pip install .` are tested alike (the checkout's splitinfer/ alone
+# has no cloud/ edge/ simulations/ inside: they are mapped in by pyproject.toml).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -P -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from splitinfer.cloud.config import WorkerConfig
+from splitinfer.cloud.auth import Tokens, auth_middleware
 from splitinfer.cloud.batcher import Batcher, DeadlineExceeded, Overloaded
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import LookupFailed, ModelRegistry, check_inputs
@@ -37,23 +39,6 @@ log = logging.getLogger(__name__)
 MSGPACK = "application/msgpack"
 CHUNK = 1 << 20  # large bodies are written 1 MiB at a time: asyncio copies big writes
 OFFLOAD_BYTES = 1 << 20  # encode/decode bigger messages off the event loop
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    models: tuple[str, ...]
-    host: str = "127.0.0.1"  # loopback unless asked: a worker is not public by default
-    port: int = 8470  # 0 picks a free port (printed at start)
-    max_batch: int = 8  # samples per tail run; 1 turns batching off
-    max_wait_ms: float = 5.0  # how long a batch waits to fill after its first request
-    max_queue: int = 256  # samples waiting before new requests are refused as `overloaded`
-    token: str | None = None  # bearer token required on /v1/* when set
-    threads: int | None = None  # torch threads for the tails (None: torch's default)
-    advertise: bool = True  # announce on mDNS (zeroconf)
-    interface: str | None = None  # address to advertise on (None: all)
-    limits: CodecLimits = field(default=DEFAULT_LIMITS)  # what an untrusted message may hold
-    remember_answers: int = 4096  # recent answers kept, so a retried request id is not recomputed
-    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 class InferenceService:
@@ -193,15 +178,6 @@ def _error_response(code: ErrorCode, message: str, request_id: str | None = None
     return web.Response(body=encode_message(err), status=err.http_status, content_type=MSGPACK)
 
 
-@web.middleware
-async def _auth(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    token = request.app[SERVICE].config.token
-    if token and request.path.startswith("/v1/"):
-        if request.headers.get("Authorization", "") != f"Bearer {token}":
-            return _error_response(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
-    return await handler(request)
-
-
 async def _write_chunked(request: web.Request, body: bytes, status: int) -> web.StreamResponse:
     resp = web.StreamResponse(status=status, headers={"Content-Type": MSGPACK})
     resp.content_length = len(body)
@@ -330,7 +306,8 @@ async def _close_sockets(app: web.Application) -> None:
 
 def build_app(service: InferenceService) -> web.Application:
     # Explicit limit: aiohttp's default body limit (1 MiB) is far too small for activations.
-    app = web.Application(client_max_size=service.config.limits.max_message_bytes, middlewares=[_auth])
+    tokens = Tokens.from_config(service.config.token, service.config.token_file)
+    app = web.Application(client_max_size=service.config.limits.max_message_bytes, middlewares=[auth_middleware(tokens)])
     app[SERVICE] = service
     app[SOCKETS] = set()
     app.router.add_post("/v1/infer", infer)

@@ -6,7 +6,13 @@ from typing import Callable, Iterator
 
 import pytest
 
+import splitinfer
 from splitinfer.cloud.process import CloudProcess
+
+
+def pytest_report_header() -> str:
+    # Which splitinfer the suite runs against: the installed one (editable or not).
+    return f"splitinfer {splitinfer.__version__} from {splitinfer.__path__[0]}"
 
 
 @pytest.fixture

@@ -5,9 +5,13 @@
         summary = await agent.run(20, rate=5)  # a benchmark run: records and percentiles
 
 On start the agent loads the model, checks that the cloud serves the same weights
-(GET /v1/models), picks the cut (fixed, or "auto": partitioner on the edge and cloud
-profiles and the measured or given link) and opens one WebSocket that every request
-shares.
+(GET /v1/models), picks the cut (fixed, or "auto": :mod:`splitinfer.edge.autocut`, the
+planner's adaptive policy on the edge and cloud profiles and the measured or given
+link) and opens one WebSocket that every request shares. Emulations change what they
+need through :class:`splitinfer.edge.hooks.AgentHooks`, never by patching.
+
+The parts: config (AgentConfig), answers (Answer, summarize), autocut (planning,
+probes), cloud_calls (model check, sending with retries), bench_run (the run loop).
 """
 
 from __future__ import annotations
@@ -18,201 +22,41 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
-from splitinfer.wire.codec import parse_compression
-from splitinfer.core.costmodel import Link
-from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, encode_request, normalize_url
+from splitinfer.adapt.policy import Adaptive, Feedback, PolicyState
+from splitinfer.core.graph import EDGE_ONLY
+from splitinfer.core.partitioner import CutPlan
+from splitinfer.edge.answers import Answer, compare_outputs, request_input, summarize
+from splitinfer.edge.autocut import LinkProber, choose_auto
+from splitinfer.edge.bench_run import check_run_args, run_requests
+from splitinfer.edge.client import CloudClient
+from splitinfer.edge.cloud_calls import CloudRequest, ask_cloud, check_cloud_model
+from splitinfer.edge.config import AgentConfig
 from splitinfer.edge.fallback import FallbackRunner, top1_confidence
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
+from splitinfer.edge.hooks import NO_HOOKS, AgentHooks
 from splitinfer.edge.pool import CloudPool
 from splitinfer.edge.status import StatusPublisher
-from splitinfer.adapt.estimator import LinkEstimator
-from splitinfer.core.partitioner import CutPlan
-from splitinfer.adapt.policy import Adaptive, CutTable, Feedback, PolicyState
 from splitinfer.errors import UserError
-from splitinfer.core.graph import EDGE_ONLY
 from splitinfer.models.loader import LoadedModel, load_model
-from splitinfer.core.profile import Profile
-from splitinfer.wire.protocol import InferRequest
-from splitinfer.adapt.reference import load_reference
-from splitinfer.core.split import max_abs_diff
 
-__all__ = ["AgentConfig", "Answer", "EdgeAgent", "latency_stats", "request_input", "summarize"]
+__all__ = ["AgentConfig", "AgentHooks", "Answer", "EdgeAgent", "request_input", "summarize"]
 
 log = logging.getLogger(__name__)
-
-_INPUT_SEED = 1_000  # request i gets inputs from a generator seeded with _INPUT_SEED + i
-ASSUMED_MBIT = 10.0  # --cut auto before any worker answered: plan for a typical link
-ASSUMED_RTT_MS = 20.0
-RETRY_MIN_MS = 20.0  # retry a failed cloud request only if at least this much deadline is left
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """What one edge agent runs and against which cloud."""
-
-    model: str  # built-in name, path/to/file.py:function or package.module:function
-    cloud: str | None = None  # a worker's URL, e.g. http://127.0.0.1:8470 (also see `clouds`, `discover`)
-    clouds: tuple[str, ...] = ()  # more static worker URLs (networks that block multicast)
-    discover: bool = False  # also find workers over mDNS (zeroconf) and use the best one
-    interface: str | None = None  # address to browse and advertise on (None: all)
-    token: str | None = None  # bearer token the worker requires (None: the worker is open)
-    cut: str = "auto"  # "auto" (partitioner), "edge", "cloud", a prefix index, or tensor names joined by ","
-    bandwidth_mbit: float | None = None  # uplink for "auto"; None: measured with a probe
-    rtt_ms: float | None = None  # round trip for "auto"; None: measured with /healthz round trips
-    deadline_ms: float | None = None  # end-to-end budget per request; None: no deadline
-    compression: str = "none"  # activations on the wire: none, fp16, int8 (or +lz4/+zstd)
-    verify: bool = False  # also run the full model here and record max_abs_diff
-    threads: int | None = 1  # torch threads for the head (the edge device's cores); None: torch's default
-    timeout_s: float = 60.0  # longest wait for one answer when there is no deadline
-    deadline_grace_ms: float = 250.0  # past the deadline, how long to wait for the cloud's own verdict
-    probe_bytes: int = 1_000_000  # payload POSTed to estimate the uplink
-    measure_profiles: bool = False  # "auto": profile here and ask the cloud, even when partitions/<model>/ has profiles
-    edge_profile: str | None = None  # "auto": partition on these profile files (both or neither) instead of the bundled ones,
-    cloud_profile: str | None = None  # e.g. an edge profile scaled K x slower for an emulated slow device
-    warmup: int = 1  # untimed requests run() sends first, so the cloud builds its tail before timing starts
-    fallback: str | None = None  # model spec answering when the cloud cannot (None: no fallback)
-    progressive: bool = False  # answer from the fallback at once, then refine with the cloud's answer
-    confidence_exit: float | None = None  # skip the cloud when the fallback's top-1 probability >= this
-    start_wait_s: float = 5.0  # how long start() waits for a first usable cloud worker
-    advertise: bool = False  # announce this agent on mDNS and serve GET /status
-    status_host: str = "127.0.0.1"  # where GET /status listens when advertising
-    def __post_init__(self) -> None:
-        for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):
-            if value is not None and not (math.isfinite(value) and value > lowest):
-                raise UserError(f"{label} must be positive, got {value}")
-        if self.rtt_ms is not None and not (math.isfinite(self.rtt_ms) and self.rtt_ms >= 0):
-            raise UserError(f"rtt must be >= 0, got {self.rtt_ms}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"threads must be at least 1, got {self.threads}")
-        if self.timeout_s <= 0 or self.probe_bytes < 1 or self.warmup < 0:
-            raise UserError("timeout_s and probe_bytes must be positive, warmup >= 0")
-        try:
-            parse_compression(self.compression)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if not str(self.cut).strip():
-            raise UserError("cut must not be empty: use auto, edge, cloud, an index or tensor names")
-        if self.confidence_exit is not None and not 0.0 < self.confidence_exit <= 1.0:
-            raise UserError(f"confidence exit must be in (0, 1], got {self.confidence_exit}")
-        if (self.progressive or self.confidence_exit is not None) and self.fallback is None:
-            raise UserError("--progressive and --confidence-exit need a fallback model")
-        if (self.edge_profile is None) != (self.cloud_profile is None):
-            raise UserError("give both --edge-profile and --cloud-profile, or neither")
-
-    @property
-    def cloud_urls(self) -> tuple[str, ...]:
-        return ((self.cloud,) if self.cloud else ()) + tuple(self.clouds)
-
-
-@dataclass(frozen=True, eq=False)
-class Answer:
-    """One request's outcome: the outputs (empty when it failed) and where the time went."""
-
-    id: str
-    cut: str
-    source: str  # "cloud" | "edge" | "fallback"
-    outputs: dict[str, torch.Tensor] = field(repr=False)
-    head_ms: float = 0.0
-    encode_ms: float = 0.0
-    network_ms: float = 0.0  # send → answer, less the cloud's queue and compute
-    cloud_queue_ms: float = 0.0
-    cloud_compute_ms: float = 0.0
-    total_ms: float = 0.0  # input in → answer out, waiting for the torch thread included (verification not)
-    bytes_sent: int = 0
-    max_abs_diff: float | None = None  # only with verify
-    error: dict[str, str] | None = None  # {"code", "message"} when it failed
-    reason: str | None = None  # why the fallback or the edge answered (e.g. cloud_unavailable, confident)
-    cloud_url: str | None = None  # the worker that answered
-    provisional: "Answer | None" = None  # --progressive: the fallback's early answer
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def record(self) -> dict[str, Any]:
-        """The JSON record of this request (max_abs_diff and error only when set)."""
-        r: dict[str, Any] = {
-            "id": self.id,
-            "cut": self.cut,
-            "source": self.source,
-            "head_ms": round(self.head_ms, 4),
-            "encode_ms": round(self.encode_ms, 4),
-            "network_ms": round(self.network_ms, 4),
-            "cloud_queue_ms": round(self.cloud_queue_ms, 4),
-            "cloud_compute_ms": round(self.cloud_compute_ms, 4),
-            "total_ms": round(self.total_ms, 4),
-            "bytes_sent": self.bytes_sent,
-        }
-        if self.max_abs_diff is not None:
-            r["max_abs_diff"] = self.max_abs_diff
-        if self.error is not None:
-            r["error"] = dict(self.error)
-        if self.reason is not None:
-            r["reason"] = self.reason
-        if self.provisional is not None:
-            r["progressive"] = {
-                "first": {"source": self.provisional.source, "total_ms": round(self.provisional.total_ms, 4)},
-                "final": self.source,
-            }
-        return r
-
-
-def request_input(loaded: LoadedModel, index: int) -> torch.Tensor:
-    """Request ``index``'s input: like ``example_batch(1)`` but different, and the same in every run."""
-    ex = loaded.example_batch(1)
-    if not ex.is_floating_point():
-        return ex  # token ids, masks: no safe random range, keep the example
-    gen = torch.Generator().manual_seed(_INPUT_SEED + index)
-    return torch.randn(ex.shape, generator=gen, dtype=ex.dtype)
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def latency_stats(values: list[float]) -> dict[str, float | None]:
-    """mean, p50, p95 and max in ms (None each when there are no values)."""
-    lat = sorted(values)
-    if not lat:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
-    return {
-        "mean": round(sum(lat) / len(lat), 4),
-        "p50": round(_percentile(lat, 0.5), 4),
-        "p95": round(_percentile(lat, 0.95), 4),
-        "max": round(lat[-1], 4),
-    }
-
-
-def summarize(answers: list[Answer], cut: dict[str, Any]) -> dict[str, Any]:
-    """The run summary: counts, latency percentiles of the answered requests, the records."""
-    ok = [a for a in answers if a.ok]
-    by_source = {"cloud": 0, "edge": 0, "fallback": 0}
-    for a in ok:
-        by_source[a.source] = by_source.get(a.source, 0) + 1
-    return {
-        "requests": len(answers),
-        "answered": len(ok),
-        "errors": len(answers) - len(ok),
-        "by_source": by_source,
-        "latency_ms": latency_stats([a.total_ms for a in ok]),
-        "cut": cut,
-        "records": [a.record() for a in answers],
-    }
 
 
 class EdgeAgent:
     """Runs one model's head here and its tail on the best cloud worker; see the module docstring."""
 
-    def __init__(self, config: AgentConfig, *, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, hooks: AgentHooks | None = None, *, loaded: LoadedModel | None = None
+    ) -> None:
         self.config = config
+        self.hooks = hooks or NO_HOOKS
         self._loaded = loaded  # a model built by the caller (its own nn.Module); else config.model is loaded
         self.runner: HeadRunner | None = None
         self.pool: CloudPool | None = None
@@ -224,9 +68,9 @@ class EdgeAgent:
         self.state = "starting"  # cloud | fallback | edge: where answers come from now
         self.policy: Adaptive | None = None  # --cut auto: re-cuts per request
         self.switches = 0
+        self._prober: LinkProber | None = None  # --cut auto: probes the link while nothing is sent
         self._waiting = 0  # requests waiting for or running their head on this edge
-        self._probing = False
-        self._background: set[asyncio.Task] = set()
+        self._index = 0  # infer() calls since run() began (before any run(): since start)
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across agents and runs
         self.agent_id = self._prefix
@@ -258,16 +102,20 @@ class EdgeAgent:
         self.runner = await asyncio.to_thread(HeadRunner, loaded, cfg.threads)
         if cfg.fallback is not None:
             fb = await asyncio.to_thread(load_model, cfg.fallback)
-            self.fallback = FallbackRunner(fb, cfg.threads)
+            self.fallback = FallbackRunner(fb, cfg.threads, after_run=self.hooks.after_fallback)
             await self.fallback.warm_up()
+            if cfg.fallback_slowdown != 1.0:
+                await self.fallback.calibrate(cfg.fallback_slowdown)
         if wants_cloud:
             await self._start_pool()
         cut = str(cfg.cut).strip()
         if cut == "auto":
-            await self._choose_auto()
+            plan, self.cut_id, self.cut_info = await choose_auto(cfg, self.runner, self.client, self.hooks)
+            self.policy = plan.policy
+            self._prober = LinkProber(plan.policy, self.hooks)
         else:
             self.cut_id = self.runner.resolve_cut(cut)
-            self.cut_info = {**self.runner.describe_cut(self.cut_id), "chosen_by": "user"}
+            self.cut_info = self._user_cut_info(self.cut_id)
         await self.runner.prepare(self.cut_id)
         self._update_state()
         if cfg.advertise:
@@ -280,10 +128,10 @@ class EdgeAgent:
         assert runner is not None
         if self.fallback is None:  # without a fallback a bad static cloud is a user error now
             for url in cfg.cloud_urls:
-                await self._check_cloud_model(url)
+                await check_cloud_model(url, cfg.token, runner.name, runner.weights_hash, cfg.tls)
         self.pool = CloudPool(
             runner.name, runner.weights_hash, static_urls=cfg.cloud_urls, discover=cfg.discover,
-            interface=cfg.interface, token=cfg.token, on_change=self._update_state,
+            interface=cfg.interface, token=cfg.token, tls=cfg.tls, on_change=self._update_state,
         )  # fmt: skip
         await self.pool.start(initial_wait_s=cfg.start_wait_s)
         if self.pool.best() is None:
@@ -293,8 +141,8 @@ class EdgeAgent:
             log.warning("no cloud worker usable yet: answering from the fallback until one is")
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        if self._prober is not None:
+            self._prober.close()
         if self.status is not None:
             await self.status.stop()
             self.status = None
@@ -326,113 +174,22 @@ class EdgeAgent:
             if self.status is not None:
                 self.status.changed()
 
-    async def _check_cloud_model(self, url: str) -> None:
-        """A static worker must serve this model with the same weights; else one clear UserError."""
+    def _user_cut_info(self, cut_id: str) -> dict[str, Any]:
         assert self.runner is not None
-        url = normalize_url(url)
-        client = CloudClient(url, self.config.token)
-        try:
-            listing = await client.models()
-        except CloudUnavailable as exc:
-            raise UserError(exc.message) from None
-        except CloudError as exc:
-            if exc.code == "unauthorized":
-                raise UserError(f"the cloud at {url} wants a token (--token): {exc.message}") from None
-            raise UserError(f"{url} does not answer like a splitinfer cloud worker: {exc.message}") from None
-        finally:
-            await client.close()
-        served = {str(m.get("id")): m for m in listing.get("models", []) if isinstance(m, dict)}
-        name = self.runner.name
-        if name not in served:
-            raise UserError(
-                f"the cloud at {url} does not serve model {name!r} (it serves: {', '.join(sorted(served)) or 'nothing'})"
-            )
-        cloud_hash = str(served[name].get("hash", ""))
-        if cloud_hash != self.runner.weights_hash:
-            raise UserError(
-                f"the weights of {name!r} differ between edge and cloud "
-                f"(edge {self.runner.weights_hash[:12]}, cloud {cloud_hash[:12]})"
-            )
+        info = {**self.runner.describe_cut(cut_id), "chosen_by": "user"}
+        if self.config.edge_slowdown != 1.0:
+            info["edge_slowdown"] = self.config.edge_slowdown
+        return info
 
-    async def _choose_auto(self) -> None:
-        """Partition on the bundled profiles (or fresh ones) and the given or probed link."""
-        from splitinfer.bench.compression import model_codec_cost
-        from splitinfer.core.partitioner import Partitioner
-        from splitinfer.core.profiler import profile_model
-
-        cfg, runner = self.config, self.runner
-        assert runner is not None
-        client = self.client  # None when no worker is usable yet (the fallback answers meanwhile)
-        graph_fp = runner.graph.fingerprint()
-        profiles = None if cfg.measure_profiles else load_reference(runner.name)
-        source = "bundled"
-        if cfg.edge_profile is not None and cfg.cloud_profile is not None:
-            files = (cfg.edge_profile, cfg.cloud_profile)
-            profiles = await asyncio.to_thread(lambda: (Profile.load(files[0]), Profile.load(files[1])))
-            source = "given"
-            if not all(p.graph.fingerprint() == graph_fp for p in profiles):
-                raise UserError(f"the given profiles are not of {runner.name}'s graph")
-        if profiles is not None and not all(p.graph.fingerprint() == graph_fp for p in profiles):
-            log.warning("bundled profiles of %s do not match the model; measuring instead", runner.name)
-            profiles = None
-        if profiles is None:
-            source = "measured"
-            loaded = runner.loaded
-            edge_prof = await runner.call(
-                lambda: profile_model(
-                    loaded.name, loaded.module, loaded.example_batch(1),
-                    threads=cfg.threads, weights_hash=runner.weights_hash,
-                )
-            )  # fmt: skip
-            if client is None:
-                raise UserError(f"--cut auto for {runner.name} needs its profiles or a reachable cloud; pass --cut")
-            try:
-                cloud_prof = await client.profile(runner.name)
-            except CloudUnavailable as exc:
-                raise UserError(exc.message) from None
-            except CloudError as exc:
-                raise UserError(f"the cloud could not profile {runner.name!r}: {exc.message}") from None
-            if cloud_prof.graph.fingerprint() != graph_fp:
-                raise UserError(f"the cloud's profile of {runner.name!r} is of a different graph than the edge's model")
-            profiles = (edge_prof, cloud_prof)
-        rtt, mbit = cfg.rtt_ms, cfg.bandwidth_mbit
-        measured_link = (rtt is None or mbit is None) and client is not None
-        if client is None:  # nothing to measure against yet: assume a typical link
-            rtt = ASSUMED_RTT_MS if rtt is None else rtt
-            mbit = ASSUMED_MBIT if mbit is None else mbit
-        if measured_link:
-            assert client is not None
-            try:
-                probed_rtt, probed_mbit = await client.probe(cfg.probe_bytes)
-            except CloudUnavailable as exc:
-                raise UserError(exc.message) from None
-            except CloudError as exc:
-                raise UserError(f"cannot measure the link to the cloud: {exc.message}") from None
-            rtt = probed_rtt if rtt is None else rtt
-            mbit = probed_mbit if mbit is None else mbit
-        link = Link(uplink_mbit=float(mbit), rtt_ms=float(rtt))  # type: ignore[arg-type]
-        edge_prof, cloud_prof = profiles
-        try:
-            # compressed activations: the cost model counts their measured bytes and codec time
-            codec = await asyncio.to_thread(model_codec_cost, runner.loaded, cfg.compression)
-            table = await asyncio.to_thread(lambda: CutTable(Partitioner(edge_prof, cloud_prof, codec)))
-        except UserError as exc:
-            raise UserError(f"cannot partition {runner.name}: {exc}") from None
-        # The adaptive policy re-cuts per request from here on, fed by live transfers.
-        estimator = LinkEstimator(initial_mbit=link.uplink_mbit, initial_rtt_ms=link.rtt_ms)
-        self.policy = Adaptive(table, estimator, rtt_ms=link.rtt_ms)
-        plan = self.policy.choose(time.monotonic())
-        self.policy.observe(Feedback(time.monotonic(), plan.id, 0, math.nan))  # the start-up choice sent nothing
-        self.cut_id = runner.resolve_cut(plan.id)
-        self.cut_info = {
-            **runner.describe_cut(self.cut_id),
-            "chosen_by": "auto",
-            "predicted_ms": round(plan.predicted_ms, 4),
-            "breakdown": plan.breakdown.to_json(),
-            "link": {**link.to_json(), "measured": measured_link},
-            "profiles": source,
-            "policy": "adaptive",
-        }
+    def _switch_to(self, cut_id: str) -> None:
+        """Later requests use ``cut_id``; tell the status and the on_cut_switch hook."""
+        old, self.cut_id = self.cut_id, cut_id
+        if old == cut_id:
+            return
+        if self.status is not None:
+            self.status.changed()
+        if self.hooks.on_cut_switch is not None:
+            self.hooks.on_cut_switch(old, cut_id)
 
     # -- inference -----------------------------------------------------------------------
     def set_cut(self, cut: str | int) -> str:
@@ -441,8 +198,8 @@ class EdgeAgent:
         cut_id = self.runner.resolve_cut(cut)
         if cut_id != EDGE_ONLY and self.pool is None:
             raise UserError(f"cut {cut_id!r} needs a cloud")
-        self.cut_id = cut_id
-        self.cut_info = {**self.runner.describe_cut(cut_id), "chosen_by": "user"}
+        self.cut_info = self._user_cut_info(cut_id)
+        self._switch_to(cut_id)
         return cut_id
 
     def link_estimate(self) -> dict[str, Any] | None:
@@ -473,6 +230,31 @@ class EdgeAgent:
         ``cut`` overrides the agent's cut for this request; ``reference`` is the full
         model's output for --verify; ``on_provisional`` receives the fallback's early
         answer with --progressive."""
+        assert self.runner is not None, "the agent is not started: use `async with EdgeAgent(cfg) as agent`"
+        index, self._index = self._index, self._index + 1
+        if self.hooks.before_request is not None:
+            self.hooks.before_request(index)
+        answer = await self._infer(x, cut, reference, request_id, on_provisional)
+        if self.hooks.after_answer is not None:
+            self.hooks.after_answer(answer.record())
+        return answer
+
+    async def _head(self, cut_id: str, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        """Run the head of ``cut_id``: (its tensors, the head ms the after_head hook reports)."""
+        assert self.runner is not None
+        out, ms = await self.runner.run_head(cut_id, x)
+        if self.hooks.after_head is not None:
+            ms = await self.hooks.after_head(cut_id, ms)
+        return out, ms
+
+    async def _infer(
+        self,
+        x: torch.Tensor,
+        cut: str | None,
+        reference: dict[str, torch.Tensor] | None,
+        request_id: str | None,
+        on_provisional: Callable[[Answer], None] | None,
+    ) -> Answer:
         runner = self.runner
         assert runner is not None, "the agent is not started: use `async with EdgeAgent(cfg) as agent`"
         cfg = self.config
@@ -481,14 +263,13 @@ class EdgeAgent:
         self.counters["requests"] += 1
         plan = None
         if cut is None and self.policy is not None:
-            self._maybe_probe()
+            if self._prober is not None:
+                self._prober.maybe_probe(self.pool.best() if self.pool else None)
             plan = self.policy.choose(time.monotonic(), PolicyState(edge_waiting=self._waiting))
             cut_id = runner.resolve_cut(plan.id)
             if cut_id != self.cut_id:
-                self.cut_id = cut_id
                 self.switches += 1
-                if self.status is not None:
-                    self.status.changed()
+                self._switch_to(cut_id)
         else:
             cut_id = self.cut_id if cut is None else runner.resolve_cut(cut)
 
@@ -509,7 +290,7 @@ class EdgeAgent:
                     on_provisional(early)
 
         if cut_id == EDGE_ONLY:
-            out, head_ms = await runner.run_head(cut_id, x)
+            out, head_ms = await self._head(cut_id, x)
             answer = Answer(id=rid, cut=cut_id, source="edge", outputs=outputs_dict(out[EDGE_OUTPUT]),
                             head_ms=head_ms, total_ms=elapsed_ms())  # fmt: skip
             return await self._finish(answer, x, reference)
@@ -521,14 +302,22 @@ class EdgeAgent:
 
         self._waiting += 1
         try:
-            tensors, head_ms = await runner.run_head(cut_id, x)
+            tensors, head_ms = await self._head(cut_id, x)
         finally:
             self._waiting -= 1
         times: dict[str, float] = {"head_ms": head_ms}
-        outputs, error, bytes_sent, url = await self._ask_cloud(rid, cut_id, tensors, started, times)
+        assert self.pool is not None
+        req = CloudRequest(
+            id=rid, model_id=runner.name, model_hash=runner.weights_hash, cut_id=cut_id, tensors=tensors,
+            compression=cfg.compression, started=started, deadline_ms=cfg.deadline_ms, timeout_s=cfg.timeout_s,
+            deadline_grace_ms=cfg.deadline_grace_ms, reserve_ms=self.fallback.reserve_ms if self.fallback else 0.0,
+            has_fallback=self.fallback is not None,
+        )  # fmt: skip
+        reply = await ask_cloud(self.pool, req, self.hooks, times)
+        error, bytes_sent = reply.error, reply.bytes_sent
         # A timed-out transfer still teaches the policy something: it took at least that long.
         network_ms = times.pop("waited_ms", math.nan) if error is not None else times.get("network_ms", math.nan)
-        returned = sum(t.numel() * t.element_size() for t in outputs.values())
+        returned = sum(t.numel() * t.element_size() for t in reply.outputs.values())
         self._feedback(plan, bytes_sent, network_ms, times.get("cloud_queue_ms", 0.0), returned)
         if error is not None:
             if self.fallback is not None:
@@ -537,8 +326,8 @@ class EdgeAgent:
             self.counters["errors"] += 1
             return Answer(id=rid, cut=cut_id, source="cloud", outputs={}, total_ms=elapsed_ms(),
                           bytes_sent=bytes_sent, error=error, **times)  # fmt: skip
-        answer = Answer(id=rid, cut=cut_id, source="cloud", outputs=outputs, total_ms=elapsed_ms(),
-                        bytes_sent=bytes_sent, cloud_url=url, provisional=early, **times)  # fmt: skip
+        answer = Answer(id=rid, cut=cut_id, source="cloud", outputs=reply.outputs, total_ms=elapsed_ms(),
+                        bytes_sent=bytes_sent, cloud_url=reply.url, provisional=early, **times)  # fmt: skip
         return await self._finish(answer, x, reference)
 
     def _cloud_refusal(self, plan: CutPlan | None) -> str | None:
@@ -559,36 +348,6 @@ class EdgeAgent:
         if self.policy is None or plan is None or plan.id == EDGE_ONLY:
             return
         self.policy.observe(Feedback(time.monotonic(), plan.id, sent, network_ms, queue_ms, return_bytes=returned))
-
-    def _maybe_probe(self) -> None:
-        """When the policy has heard nothing from the link for a while (edge-only), probe it
-        lightly in the background; requests do not wait for it."""
-        assert self.policy is not None
-        best = self.pool.best() if self.pool else None
-        now = time.monotonic()
-        if best is None or self._probing or not self.policy.needs_probe(now):
-            return
-        nbytes = self.policy.probe_bytes()
-        self.policy.probe_sent(now, nbytes)
-        self._probing = True
-
-        async def probe() -> None:
-            mbit = None
-            try:
-                timing = await best.client.post_probe(nbytes)
-                ms, mbit = timing.round_trip_ms, timing.uplink_mbit()
-            except (CloudUnavailable, CloudError):
-                ms = math.nan
-            finally:
-                self._probing = False
-            assert self.policy is not None
-            # The worker's timing of the upload when it has one: this edge's own clock reads
-            # the answer late whenever a head keeps its CPU busy (a slow edge, by definition).
-            self.policy.observe(Feedback(time.monotonic(), "", nbytes, ms, probe=True, uplink_mbit=mbit))
-
-        task = asyncio.get_running_loop().create_task(probe())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _answer_locally(
         self,
@@ -630,99 +389,22 @@ class EdgeAgent:
             assert self.runner is not None
             if reference is None:
                 reference, _ = await self.runner.run_full(x)
-            answer = replace(answer, max_abs_diff=_compare(answer.outputs, reference))
+            answer = replace(answer, max_abs_diff=compare_outputs(answer.outputs, reference))
         return answer
-
-    async def _ask_cloud(
-        self, rid: str, cut_id: str, tensors: dict[str, torch.Tensor], started: float, times: dict[str, float]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, int, str | None]:
-        """Send to the best worker; retry (same id: the cloud de-duplicates) on another or
-        the same worker while the deadline leaves room. Returns outputs, error, bytes, url."""
-        cfg, pool = self.config, self.pool
-        assert pool is not None
-        reserve_ms = self.fallback.reserve_ms if self.fallback is not None else 0.0
-        model_hash = self.runner.weights_hash if self.runner else ""
-        frame: bytes | None = None
-        deadline_ms: float | None = None
-        error: dict[str, str] = {"code": "cloud_unavailable", "message": "no cloud worker is reachable"}
-        for attempt in range(2):
-            spent = (time.perf_counter() - started) * 1e3
-            timeout_s = cfg.timeout_s
-            if cfg.deadline_ms is not None:
-                # keep enough of the deadline to answer from the fallback if the cloud fails
-                deadline_ms = cfg.deadline_ms - spent - reserve_ms
-                if deadline_ms <= (0 if attempt == 0 else RETRY_MIN_MS):
-                    if attempt == 0:
-                        error = {"code": "deadline", "message": "no time left for the cloud after the head"}
-                    break
-                timeout_s = deadline_ms / 1e3 if self.fallback is not None else (deadline_ms + cfg.deadline_grace_ms) / 1e3
-            if frame is None:
-                req = InferRequest(
-                    id=rid, model_id=self.model_id, model_hash=model_hash, cut_id=cut_id, tensors=tensors,
-                    deadline_ms=deadline_ms, compression=cfg.compression,
-                )  # fmt: skip
-                t0 = time.perf_counter()
-                frame = await encode_request(req)
-                times["encode_ms"] = (time.perf_counter() - t0) * 1e3
-            t1 = time.perf_counter()
-            try:
-                result, worker = await pool.infer(rid, frame, timeout_s)
-            except CloudError as exc:
-                error = {"code": exc.code, "message": exc.message}
-                if exc.code not in ("overloaded", "internal"):
-                    break  # the request itself is bad: retrying will not help
-                continue
-            except CloudUnavailable as exc:
-                code = "deadline" if exc.timeout and cfg.deadline_ms is not None else exc.code
-                error = {"code": code, "message": exc.message}
-                if exc.timeout:
-                    times["waited_ms"] = (time.perf_counter() - t1) * 1e3
-                    break  # the deadline is used up
-                continue
-            round_trip_ms = (time.perf_counter() - t1) * 1e3
-            times["cloud_queue_ms"] = result.queue_ms
-            times["cloud_compute_ms"] = result.compute_ms
-            times["network_ms"] = max(0.0, round_trip_ms - result.queue_ms - result.compute_ms)
-            return dict(result.outputs), None, len(frame), worker.url
-        return {}, error, len(frame or b""), None
 
     async def run(self, requests: int, rate: float | None = None) -> dict[str, Any]:
         """``requests`` inputs one after another (rate None) or arriving every 1/rate s,
         open loop, overlapping as they will; returns the summary (see :func:`summarize`)."""
-        if requests < 1:
-            raise UserError(f"requests must be at least 1, got {requests}")
-        if rate is not None and not (math.isfinite(rate) and rate > 0):
-            raise UserError(f"rate must be positive, got {rate}")
         runner = self.runner
         assert runner is not None, "the agent is not started"
-        inputs = [request_input(runner.loaded, i) for i in range(requests)]
-        references: list[dict[str, torch.Tensor] | None] = [None] * requests
-        if self.config.verify:  # computed up front, so checking does not delay the timed requests
-            references = [(await runner.run_full(x))[0] for x in inputs]
-        for i in range(self.config.warmup):
-            warm = await self.infer(inputs[i % requests], reference=references[i % requests])
-            if not warm.ok:
-                log.warning("warm-up request failed: %s", warm.error)
+        check_run_args(requests, rate)
+        if self.hooks.before_run is not None:
+            await self.hooks.before_run()
+        self._index = 0
 
-        if rate is None:
-            answers = [await self.infer(x, reference=ref) for x, ref in zip(inputs, references)]
-        else:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            tasks = []
-            for i, (x, ref) in enumerate(zip(inputs, references)):
-                delay = t0 + i / rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # open loop: arrivals do not wait for answers
-                tasks.append(asyncio.create_task(self.infer(x, reference=ref)))
-            answers = list(await asyncio.gather(*tasks))
+        async def full(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return (await runner.run_full(x))[0]
+
+        answers = await run_requests(self, runner.loaded, requests, rate, warmup=self.config.warmup,
+                                     reference=full if self.config.verify else None)  # fmt: skip
         return summarize(answers, {**self.cut_info, "switches": self.switches} if self.policy else dict(self.cut_info))
-
-
-def _compare(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """max_abs_diff of two named outputs; by name when the names agree, else in order."""
-    if set(outputs) == set(reference):
-        return max((max_abs_diff(reference[k], outputs[k]) for k in reference), default=0.0)
-    if len(outputs) != len(reference):
-        return math.inf
-    return max((max_abs_diff(a, b) for a, b in zip(reference.values(), outputs.values())), default=0.0)

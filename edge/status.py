@@ -1,25 +1,50 @@
-"""What a running edge agent tells the world: an mDNS record and a read-only GET /status."""
+"""What a running edge agent tells the world: an mDNS record and a read-only GET /status.
+
+It reads the agent through :class:`AgentView` (what an agent shows), so this module
+does not import the agent that owns it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from splitinfer.discovery.mdns import EDGE_SERVICE, Advertiser, fit_txt
+from splitinfer.edge.config import AgentConfig
+from splitinfer.edge.fallback import FallbackRunner
+from splitinfer.edge.head import HeadRunner
+from splitinfer.edge.pool import CloudPool
 
-if TYPE_CHECKING:
-    from splitinfer.edge.agent import EdgeAgent
+__all__ = ["AgentView", "StatusPublisher", "agent_status"]
 
 log = logging.getLogger(__name__)
 
 TXT_REFRESH_S = 1.0  # at most one mDNS update per second, however fast the state flips
 
 
-def agent_status(agent: "EdgeAgent") -> dict[str, Any]:
+class AgentView(Protocol):
+    """What the status reads of an agent (EdgeAgent has all of it)."""
+
+    agent_id: str
+    config: AgentConfig
+    state: str
+    cut_info: dict[str, Any]
+    counters: dict[str, int]
+    runner: HeadRunner | None
+    pool: CloudPool | None
+    fallback: FallbackRunner | None
+
+    @property
+    def model_id(self) -> str: ...
+
+    def link_estimate(self) -> dict[str, Any] | None: ...
+
+
+def agent_status(agent: AgentView) -> dict[str, Any]:
     """Counters, current cut, link estimate, the cloud in use."""
     best = agent.pool.best() if agent.pool else None
     info = agent.cut_info
@@ -37,7 +62,9 @@ def agent_status(agent: "EdgeAgent") -> dict[str, Any]:
 
 
 class StatusPublisher:
-    def __init__(self, agent: "EdgeAgent", interface: str | None, host: str = "127.0.0.1"):
+    """Serves GET /status and keeps the mDNS record in step (call changed() on a change)."""
+
+    def __init__(self, agent: AgentView, interface: str | None, host: str = "127.0.0.1"):
         self.agent = agent
         self.interface = interface
         self.host = host
@@ -68,7 +95,7 @@ class StatusPublisher:
         app.router.add_get("/status", self._status)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
+        site = web.TCPSite(self._runner, self.interface or self.host, 0)  # listen where it is advertised
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"

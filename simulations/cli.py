@@ -6,7 +6,6 @@ raise UserError (one line, exit code 2)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splitinfer.errors import UserError
+from splitinfer.util.output import emit_json
 
 __all__ = ["emulate_cmd", "experiment_cmd", "simulate_cmd"]
 
@@ -28,11 +28,6 @@ _err = Console(stderr=True)
 EXPERIMENTS = ("adaptive", "estimators", "hysteresis")
 
 
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
-    sys.stdout.flush()
-
-
 def _check_positive(name: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise UserError(f"{name} must be positive, got {value:g}")
@@ -40,22 +35,21 @@ def _check_positive(name: str, value: float | None) -> None:
 
 def _profiles(model: str, edge_profile: Path | None, cloud_profile: Path | None) -> tuple[Any, Any]:
     """The given profiles, or the bundled reference ones of a built-in model."""
-    from splitinfer.core.profile import Profile
-    from splitinfer.adapt.reference import load_reference
+    from splitinfer.adapt.planner import load_pair, reference_pair
 
     if (edge_profile is None) != (cloud_profile is None):
         raise UserError("give both --edge-profile and --cloud-profile, or neither (bundled reference profiles)")
     if edge_profile is not None and cloud_profile is not None:
-        edge, cloud = Profile.load(edge_profile), Profile.load(cloud_profile)
+        edge, cloud = load_pair(edge_profile, cloud_profile)
         if edge.model != model and ":" not in model:
             log.warning("--model %s but the profiles are of %s", model, edge.model)
-    else:
-        ref = load_reference(model)
-        if ref is None:
-            raise UserError(
-                f"no bundled reference profiles for model {model!r}: pass --edge-profile and --cloud-profile"
-            )
-        edge, cloud = ref
+        return edge, cloud
+    try:
+        edge, cloud = reference_pair(model)
+    except UserError:
+        raise UserError(
+            f"no bundled reference profiles for model {model!r}: pass --edge-profile and --cloud-profile"
+        ) from None
     edge.check_compatible(cloud)
     return edge, cloud
 
@@ -114,7 +108,7 @@ def simulate_cmd(
         plot_result(result, plot)
     data = result.to_json()
     if json_out:
-        _emit_json(data)
+        emit_json(data)
         return
     t = data["trace"]
     table = Table(
@@ -158,9 +152,9 @@ def emulate_cmd(
 ) -> None:
     """Real processes over an emulated link: cloud worker and edge agent in network namespaces,
     tc tbf replaying the trace, a TUN delay line for RTT and loss, a cgroup for a slow edge."""
-    from splitinfer.simulations.emulate import emulate, emulation_unavailable, time_scaled
+    from splitinfer.simulations.emulate import emulate, emulation_unavailable
     from splitinfer.simulations.netns import install_signal_cleanup
-    from splitinfer.simulations.traces import load_trace
+    from splitinfer.simulations.traces import load_trace, time_scaled
 
     if (trace is None) == (bandwidth is None):
         raise UserError("give exactly one of --trace and --bandwidth")
@@ -185,7 +179,7 @@ def emulate_cmd(
                      rate_per_s=rate, edge_slowdown=edge_slowdown, deadline_ms=deadline_ms, seed=seed,
                      calibrate=calibrate, progress=progress)  # fmt: skip
     if json_out:
-        _emit_json(result)
+        emit_json(result)
         return
     lk, emu = result["link"], result["emulation"]
     where = f"trace {lk['trace']['name']} (mean {lk['trace']['mean_mbit']:.2f} Mbit/s)" if lk["trace"] else f"{lk['bandwidth_mbit']:g} Mbit/s"
@@ -227,12 +221,12 @@ def experiment_cmd(
     """Policies x traces x models on the simulator (--emulate: on the real system), against the oracle."""
     from splitinfer.simulations.experiment import (
         ExperimentConfig,
-        adaptive_markdown,
         resolve_traces,
         run_estimator_experiment,
         run_experiment,
         run_hysteresis_experiment,
     )
+    from splitinfer.simulations.experiment_report import adaptive_markdown
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}: use one of {', '.join(EXPERIMENTS)}")
@@ -258,7 +252,8 @@ def experiment_cmd(
     progress = (lambda msg: _err.print(msg, highlight=False)) if not json_out else None
     if emulate:
         from splitinfer.simulations.emulate import emulation_unavailable
-        from splitinfer.simulations.experiment import EMULATE_RATE, EMULATE_REQUESTS, emulated_markdown, run_emulated_experiment
+        from splitinfer.simulations.experiment_emulated import EMULATE_RATE, EMULATE_REQUESTS, run_emulated_experiment
+        from splitinfer.simulations.experiment_report import emulated_markdown
         from splitinfer.simulations.netns import install_signal_cleanup
 
         if traces is None:
@@ -276,7 +271,7 @@ def experiment_cmd(
         result = run_emulated_experiment(trace_list, model_list, edge_slowdown, config=ecfg, time_scale=time_scale,
                                          profiles_dir=profiles, out=out, progress=progress)  # fmt: skip
         if json_out:
-            _emit_json(result)
+            emit_json(result)
         else:
             sys.stdout.write(emulated_markdown(result))
             if out is not None:
@@ -292,7 +287,7 @@ def experiment_cmd(
     else:
         result = run_hysteresis_experiment(trace_list, model_list, edge_slowdown, **kw)
     if json_out:
-        _emit_json(result)
+        emit_json(result)
         return
     if name == "adaptive":
         sys.stdout.write(adaptive_markdown(result).split("| model | trace | policy")[0].rstrip() + "\n")

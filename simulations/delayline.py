@@ -54,6 +54,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from splitinfer.util.procs import LinePump, python_module
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DelayLine", "DelayLineProcess", "Direction", "open_tun"]
@@ -267,39 +269,29 @@ class DelayLineProcess:
 
     def __init__(self, tuns: dict[str, tuple[float, float]], *, prefix: Sequence[str] = (), seed: int = 0,
                  timeout_s: float = 30.0) -> None:  # fmt: skip
-        cmd = [*prefix, sys.executable, "-m", "splitinfer.simulations.delayline", "--seed", str(seed)]
+        args = ["--seed", str(seed)]
         for name, (delay_ms, loss) in tuns.items():
-            cmd += ["--tun", f"{name}={delay_ms:g}:{loss:g}"]
+            args += ["--tun", f"{name}={delay_ms:g}:{loss:g}"]
+        cmd = [*prefix, *python_module("splitinfer.simulations.delayline", *args)]
         self.settings = {name: (float(d), float(p)) for name, (d, p) in tuns.items()}
         self.final_stats: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self._stderr: list[str] = []
-        self._lines: "queue.Queue[str | None]" = queue.Queue()
-        threading.Thread(target=self._pump_err, daemon=True).start()
-        threading.Thread(target=self._pump_out, daemon=True).start()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._err = LinePump(self.proc.stderr)
+        self._out, self._lines = LinePump.to_queue(self.proc.stdout)
         first = self._read_line(timeout_s)
         if first != "ready":
             self.kill()
-            raise RuntimeError(f"the delay line did not start: {first or ''} {''.join(self._stderr[-5:]).strip()}")
-
-    def _pump_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr.append(line)
-
-    def _pump_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-        self._lines.put(None)
+            raise RuntimeError(f"the delay line did not start: {first or ''} {self._err.last()}")
 
     def _read_line(self, timeout_s: float = 10.0) -> str | None:
         """The next answer line (None: the process ended or did not answer in time)."""
         try:
-            return self._lines.get(timeout=timeout_s)
+            line = self._lines.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        return None if line is None else line.strip()
 
     def _ask(self, command: str) -> str | None:
         with self._lock:

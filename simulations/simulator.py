@@ -24,22 +24,24 @@ Loss in a trace is ignored (documented, not modelled).
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 import logging
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from splitinfer.core.costmodel import NO_CODEC, CodecCost, transfer_ms
-from splitinfer.errors import UserError
-from splitinfer.core.graph import EDGE_ONLY
-from splitinfer.core.partitioner import CutPlan, Partitioner
+from splitinfer.adapt.planner import cut_table
 from splitinfer.adapt.policy import POLICY_NAMES, CutTable, Feedback, Policy, PolicyState, make_policy
+from splitinfer.core.costmodel import NO_CODEC, CodecCost, transfer_ms
+from splitinfer.core.graph import EDGE_ONLY
+from splitinfer.core.partitioner import CutPlan
 from splitinfer.core.profile import Profile
-from splitinfer.simulations.traces import Trace
+from splitinfer.errors import UserError
+from splitinfer.simulations.linktrace import Trace
+from splitinfer.util.stats import percentile
 
 __all__ = ["PolicyRun", "SimConfig", "SimResult", "Simulator", "parse_policies", "plot_result", "simulate"]
 
@@ -118,7 +120,8 @@ class PolicyRun:
 
     def summary(self, deadline_ms: float | None = None) -> dict[str, Any]:
         lat = self.latency_ms
-        p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+        values = lat.tolist()
+        p50, p95, p99 = (percentile(values, q) for q in (0.50, 0.95, 0.99))
         return {
             "mean_ms": round(float(lat.mean()), 3),
             "p50_ms": round(float(p50), 3),
@@ -179,7 +182,7 @@ class Simulator:
         self.trace = trace
         self.config = config
         self.codec = codec
-        self.table = table or CutTable(Partitioner(edge, cloud, codec))
+        self.table = table or cut_table(edge, cloud, codec)
         self.output_bytes = self.table.output_bytes
         self._costs: dict[str, _Cost] = {}
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from splitinfer.core.costmodel import Link
-from splitinfer.demo.app import UplinkLimiter, _bundled_profiles, plan_demo
+from splitinfer.adapt.planner import reference_pair as _bundled_profiles
+from splitinfer.demo.link import UplinkLimiter
+from splitinfer.demo.plan import plan_demo
 from splitinfer.core.graph import EDGE_ONLY
 from splitinfer.core.partitioner import Partitioner
 from splitinfer.adapt.policy import CutTable
@@ -26,7 +28,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Runs demo_cmd through a tiny typer app when splitinfer.cli does not register `demo` (yet).
 _TINY_APP = """
 import sys, typer
-from splitinfer.demo.app import demo_cmd
+from splitinfer.demo.cli import demo_cmd
 from splitinfer.errors import UserError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 app.command("demo")(demo_cmd)

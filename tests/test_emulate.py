@@ -107,6 +107,30 @@ def test_cfs_quota() -> None:
         cfs_quota(0.5)
 
 
+def test_launcher_runs_the_agent_with_its_markers() -> None:
+    """The edge child (no root: a local worker, no namespaces): "ready" once started, then
+    it waits for "go", marks t0 at the first timed request and prints the agent's JSON."""
+    from splitinfer.cloud.process import CloudProcess
+    from splitinfer.simulations.edgeproc import EdgeProcess, edge_command
+
+    with CloudProcess("--model", "tinycnn", "--host", "127.0.0.1") as cloud:
+        fields = {"model": "tinycnn", "cloud": cloud.url, "cut": "cloud", "advertise": False, "threads": 1}
+        edge = EdgeProcess(edge_command(fields, 3, None))
+        try:
+            edge.wait_marker("ready", 120)
+            time.sleep(0.3)
+            assert edge.proc.poll() is None and edge.markers.empty()  # nothing runs before "go"
+            edge.send("go")
+            t0 = float(edge.wait_marker("t0", 60))
+            assert abs(time.monotonic() - t0) < 60
+            assert edge.proc.wait(timeout=60) == 0, edge.error_tail()
+        finally:
+            edge.kill()
+    out = json.loads("".join(edge.stdout))
+    assert out["requests"] == out["answered"] == 3 and out["by_source"]["cloud"] == 3
+    assert out["cut"]["kind"] == "cloud-only"
+
+
 # ---------------------------------------------------------------- with root: real links
 _ECHO = """
 import socket, sys
@@ -240,7 +264,8 @@ def test_experiment_emulate_options_and_table() -> None:
     """`experiment adaptive --emulate`: its cuts per policy, its checks, its table (no run)."""
     from splitinfer.cli import app
     from splitinfer.adapt.reference import load_reference
-    from splitinfer.simulations.experiment import emulated_cut, emulated_markdown
+    from splitinfer.simulations.experiment_emulated import emulated_cut
+    from splitinfer.simulations.experiment_report import emulated_markdown
     from splitinfer.simulations.simulator import SimConfig, Simulator
     from splitinfer.simulations.traces import load_trace
 

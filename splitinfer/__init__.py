@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "splitinfer.models.loader",
-    "builtin_models": "splitinfer.models.loader",
+    "builtin_models": "splitinfer.models.catalog",
     "weights_hash": "splitinfer.models.loader",
     "capture": "splitinfer.core.graph",
     "Graph": "splitinfer.core.graph",

@@ -222,6 +222,13 @@ def test_int8_student_agrees_with_the_float_student(digits32, student) -> None:
     assert weights_hash(student.module) == weights_hash(load_model("student:tinycnn-digits").module)
 
 
+def test_quantizing_leaves_the_callers_rng_alone(student) -> None:
+    """Like every other model build, int8 conversion must not move torch's global RNG."""
+    before = torch.random.get_rng_state()
+    quantize_student(student.module)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_evaluate_reports_accuracy_size_and_latency() -> None:
     r = evaluate("int8:student:tinycnn-digits", max_test=64, budget_s=0.1)
     assert r.int8 and r.held_out == 64 and r.accuracy >= 0.9

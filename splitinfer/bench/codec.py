@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import logging
 import pickle
 import statistics
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from splitinfer.util.output import emit_json
 from splitinfer.wire.protocol import InferRequest, decode_message, encode_message
 
 log = logging.getLogger(__name__)
@@ -109,5 +109,4 @@ def run_codec_bench(sizes_mb: Sequence[int] = (1, 10, 100), repeats: int = 5) ->
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    json.dump(run_codec_bench(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    emit_json(run_codec_bench())

@@ -9,8 +9,9 @@ from typing import Any
 
 from splitinfer.cloud.process import CloudProcess
 from splitinfer.models.data import digits_dataset
-from splitinfer.edge.agent import AgentConfig, EdgeAgent, latency_stats
+from splitinfer.edge.agent import AgentConfig, EdgeAgent
 from splitinfer.models.loader import load_model
+from splitinfer.util.stats import latency_stats
 
 
 async def _run_level(url: str, model: str, fallback: str, p: float | None, xs: Any, ys: Any) -> dict[str, Any]:

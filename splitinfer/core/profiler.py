@@ -67,6 +67,8 @@ class _TimingInterpreter(fx.Interpreter):
 
 
 def _quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile (no interpolation). Not util.stats.percentile on purpose:
+    the p10-p90 spreads in saved profiles (partitions/) were computed this way."""
     s = sorted(values)
     k = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
     return s[k]

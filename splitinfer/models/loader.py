@@ -1,9 +1,11 @@
-"""Model registry and loader: built-in zoo names and user models behind one call.
+"""Model loader: built-in names, derived models and user models behind one call.
 
-``load_model(spec)`` takes a built-in name (``resnet18``), a file
-(``path/to/file.py:build``) or an importable module (``package.module:build``);
-trained and derived models too: ``student:M``, ``int8:S`` and weights files
-``path/to/file.pt`` (see ``splitinfer.models.pretrained``).
+``load_model(spec)`` takes a built-in name (``resnet18``; ``splitinfer.models.catalog``),
+a file (``path/to/file.py:build``) or an importable module (``package.module:build``);
+trained and derived models too: ``student:M`` (``splitinfer.models.students``),
+``int8:S`` (``splitinfer.models.quantize``) and weights files ``path/to/file.pt``
+(``splitinfer.models.pretrained``). This is the one module of the package that
+imports the others; they import only what lies below them.
 A user function takes no arguments and returns ``(nn.Module, example_input)``.
 Anything the user can get wrong ends in a one-line ``UserError``.
 """
@@ -16,8 +18,6 @@ import importlib.util
 import itertools
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -25,8 +25,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitinfer.models import pretrained, zoo
 from splitinfer.errors import UserError
+from splitinfer.models.catalog import builtin_models, builtin_names, load_builtin
+from splitinfer.models.pretrained import (
+    INT8_PREFIX,
+    STUDENT_PREFIX,
+    WEIGHTS_SUFFIX,
+    is_derived_spec,
+    load_weights_into,
+    read_weights,
+)
+from splitinfer.models.seeding import seeded
+from splitinfer.models.spec import LoadedModel, ModelInfo
 
 __all__ = [
     "ModelInfo",
@@ -40,96 +50,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seed for example inputs and user builders: fixed so every process gets the same tensors.
-_INPUT_SEED = 0
-
-_IMAGENET_SHAPE = (3, 224, 224)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the zoo says about one built-in model."""
-
-    name: str
-    input_shape: tuple[int, ...]  # without the batch dimension
-    num_classes: int
-    description: str
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to trace and run, with an example input of batch size 1."""
-
-    name: str  # zoo name, or the user's spec string
-    module: nn.Module  # in eval mode
-    example_input: torch.Tensor  # batch size 1
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input, without the batch dimension."""
-        return tuple(self.example_input.shape[1:])
-
-    def example_batch(self, batch: int) -> torch.Tensor:
-        """A deterministic input of ``batch`` rows, same dtype as the example input.
-
-        Float inputs are standard normal from a generator seeded with 0 (so the
-        same on every call and in every process); other dtypes (token ids, masks)
-        have no safe random range, so the example row is repeated.
-        """
-        if batch < 1:
-            raise UserError(f"batch size must be at least 1, got {batch}")
-        ex = self.example_input
-        if ex.is_floating_point():
-            gen = torch.Generator().manual_seed(_INPUT_SEED)
-            return torch.randn((batch, *self.input_shape), generator=gen, dtype=ex.dtype)
-        return ex[:1].expand(batch, *self.input_shape).clone()
-
-
-@dataclass(frozen=True)
-class _Builtin:
-    info: ModelInfo
-    build: Callable[[], nn.Module]
-
-
-def _imagenet(name: str, description: str) -> ModelInfo:
-    return ModelInfo(name, _IMAGENET_SHAPE, 1000, description)
-
-
-_BUILTINS: dict[str, _Builtin] = {
-    b.info.name: b
-    for b in (
-        _Builtin(_imagenet("alexnet", "AlexNet: a plain chain of 5 convs and 3 linears"), zoo.alexnet),
-        _Builtin(_imagenet("vgg16", "VGG-16: 13 convs and 3 linears, heavy and wide"), zoo.vgg16),
-        _Builtin(_imagenet("resnet18", "ResNet-18: basic residual blocks"), zoo.resnet18),
-        _Builtin(_imagenet("resnet50", "ResNet-50 v1.5: bottleneck residual blocks"), zoo.resnet50),
-        _Builtin(_imagenet("mobilenet_v2", "MobileNetV2: inverted residuals, depthwise convs"), zoo.mobilenet_v2),
-        _Builtin(ModelInfo("tinycnn", (3, 32, 32), 10, "Small residual CNN for 32x32 inputs (digits)"), zoo.tinycnn),
-        _Builtin(
-            ModelInfo("tinycnn-digits", (3, 32, 32), 10, "tinycnn trained on scikit-learn's digits (shipped weights)"),
-            pretrained.tinycnn_digits,
-        ),
-    )
-}
-
-
-def builtin_models() -> list[ModelInfo]:
-    """The built-in models, in a stable order."""
-    return [b.info for b in _BUILTINS.values()]
-
 
 def load_model(spec: str) -> LoadedModel:
     """Load a built-in model by name, or a user model from ``file.py:fn`` / ``pkg.mod:fn``."""
-    builtin = _BUILTINS.get(spec)
+    builtin = load_builtin(spec)
     if builtin is not None:
-        module = builtin.build()
-        gen = torch.Generator().manual_seed(_INPUT_SEED)
-        example = torch.randn((1, *builtin.info.input_shape), generator=gen)
-        return LoadedModel(name=spec, module=module, example_input=example)
-    if pretrained.is_derived_spec(spec):
-        return pretrained.load_derived(spec)
+        return builtin
+    if is_derived_spec(spec):
+        return _load_derived(spec)
 
     if ":" not in spec:
-        names = ", ".join(_BUILTINS)
+        names = ", ".join(builtin_names())
         raise UserError(
             f"unknown model {spec!r}: use a built-in name ({names}) "
             "or a user model as path/to/file.py:function or package.module:function"
@@ -143,6 +74,27 @@ def load_model(spec: str) -> LoadedModel:
     user_module = _import_file(target) if _looks_like_path(target) else _import_module(target)
     module, example = _call_builder(spec, user_module, func_name)
     return LoadedModel(name=spec, module=module.eval(), example_input=example)
+
+
+def _load_derived(spec: str) -> LoadedModel:
+    """Load ``student:M``, ``int8:S`` or a weights file ``path/to/file.pt``."""
+    if spec.startswith(INT8_PREFIX):
+        # Lazy: torch.ao.quantization is slow to import and only int8 specs need it.
+        from splitinfer.models.quantize import quantize_model
+
+        inner = load_model(spec[len(INT8_PREFIX) :])
+        module = quantize_model(inner.module, inner.input_shape)
+        return LoadedModel(name=spec, module=module, example_input=inner.example_input)
+    if spec.startswith(STUDENT_PREFIX):
+        from splitinfer.models.students import load_student
+
+        return load_student(spec[len(STUDENT_PREFIX) :])
+    weights = read_weights(Path(spec).expanduser())
+    if weights.arch.endswith(WEIGHTS_SUFFIX):
+        raise UserError(f"{spec}: arch {weights.arch!r} is another weights file, not an architecture")
+    base = load_model(weights.arch)
+    load_weights_into(base.module, weights, spec)
+    return LoadedModel(name=spec, module=base.module, example_input=base.example_input)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -226,11 +178,8 @@ def _call_builder(spec: str, user_module: ModuleType, func_name: str) -> tuple[n
         raise UserError(f"{spec}: {func_name!r} is a {type(fn).__name__}, not a function")
     try:
         # Seeded like the zoo: edge and cloud each build the model, and a builder
-        # that draws random weights must give both the same ones. Forked, so the
-        # caller's RNG state survives.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_INPUT_SEED)
-            result = fn()
+        # that draws random weights must give both the same ones.
+        result = seeded(fn)
     except (Exception, SystemExit) as exc:
         raise UserError(f"{spec}: {func_name}() raised {_one_line(exc)}") from None
 

@@ -1,4 +1,4 @@
-"""Trained weights: the files shipped in ``splitinfer/weights/`` and the specs that load them.
+"""Trained weights: the weights file format, the files shipped in ``splitinfer/models/weights/``.
 
 A weights file is what ``torch.save`` writes for a plain dict, loadable with
 ``torch.load(weights_only=True)`` (no pickled code, safe to load):
@@ -11,14 +11,11 @@ A weights file is what ``torch.save`` writes for a plain dict, loadable with
 ``arch`` makes a file a model spec of its own: ``load_model("out/student.pt")``
 builds ``arch`` and loads the state_dict into it (strictly: every key, every shape).
 
-Specs handled here, besides plain files (``load_model`` hands them over):
-
-* ``tinycnn-digits``: tinycnn with the weights in ``weights/tinycnn-digits.pt``
-  (a built-in entry of its own in ``splitinfer.models.loader``);
-* ``student:M``: the default student of built-in model M (``splitinfer.models.students``),
-  with the weights in ``weights/student-M.pt`` when that file exists, else its
-  seeded random initialisation;
-* ``int8:S``: model S, statically quantized to int8 (``splitinfer.models.quantize``).
+This module reads and writes files and names the spec prefixes; it builds no
+model. Who loads what: ``splitinfer.models.catalog`` (``tinycnn-digits``: tinycnn
+with ``weights/tinycnn-digits.pt``), ``splitinfer.models.students`` (``student:M``,
+with ``weights/student-M.pt`` when it exists) and ``splitinfer.models.loader``
+(``int8:S``, weights files).
 
 Edge and cloud compare ``weights_hash`` of the loaded module, which covers every
 trained tensor, so a different weights file on one side is detected.
@@ -30,16 +27,12 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from splitinfer.models import zoo
 from splitinfer.errors import UserError
-
-if TYPE_CHECKING:
-    from splitinfer.models.loader import LoadedModel
 
 __all__ = [
     "DERIVED_PREFIXES",
@@ -51,12 +44,10 @@ __all__ = [
     "WeightsFile",
     "architecture_spec",
     "is_derived_spec",
-    "load_derived",
     "load_weights_into",
     "read_weights",
     "save_weights",
     "shipped_weights",
-    "tinycnn_digits",
     "weights_dir",
 ]
 
@@ -82,7 +73,7 @@ class WeightsFile:
 
 
 def weights_dir() -> Path:
-    """The folder of weights shipped inside the package (``splitinfer/weights``)."""
+    """The folder of weights shipped inside the package (``splitinfer/models/weights``)."""
     return Path(__file__).parent / "weights"
 
 
@@ -156,17 +147,6 @@ def load_weights_into(module: nn.Module, weights: WeightsFile, source: str) -> n
     return module.eval()
 
 
-def tinycnn_digits() -> nn.Module:
-    """tinycnn with the shipped weights trained on digits (``splitinfer train --model tinycnn``)."""
-    path = shipped_weights("tinycnn-digits")
-    if path is None:
-        raise UserError(f"trained weights missing: {weights_dir() / 'tinycnn-digits.pt'} (reinstall splitinfer)")
-    weights = read_weights(path)
-    if weights.arch != TRAINED["tinycnn-digits"]:
-        raise UserError(f"{path}: weights for {weights.arch!r}, expected 'tinycnn'")
-    return load_weights_into(zoo.tinycnn(), weights, str(path))
-
-
 def architecture_spec(spec: str) -> str:
     """The spec that builds ``spec``'s architecture with fresh weights (what a weights file records).
 
@@ -184,27 +164,5 @@ def architecture_spec(spec: str) -> str:
 
 
 def is_derived_spec(spec: str) -> bool:
-    """Whether ``load_model`` should hand ``spec`` to ``load_derived``."""
+    """Whether ``spec`` names a derived model: ``student:M``, ``int8:S`` or a weights file."""
     return spec.startswith(DERIVED_PREFIXES) or spec.endswith(WEIGHTS_SUFFIX)
-
-
-def load_derived(spec: str) -> LoadedModel:
-    """Load ``student:M``, ``int8:S`` or a weights file ``path/to/file.pt``."""
-    from splitinfer.models.loader import LoadedModel, load_model
-
-    if spec.startswith(INT8_PREFIX):
-        from splitinfer.models.quantize import quantize_model
-
-        inner = load_model(spec[len(INT8_PREFIX) :])
-        module = quantize_model(inner.module, inner.input_shape)
-        return LoadedModel(name=spec, module=module, example_input=inner.example_input)
-    if spec.startswith(STUDENT_PREFIX):
-        from splitinfer.models.students import load_student
-
-        return load_student(spec[len(STUDENT_PREFIX) :])
-    weights = read_weights(Path(spec).expanduser())
-    if weights.arch.endswith(WEIGHTS_SUFFIX):
-        raise UserError(f"{spec}: arch {weights.arch!r} is another weights file, not an architecture")
-    base = load_model(weights.arch)
-    load_weights_into(base.module, weights, spec)
-    return LoadedModel(name=spec, module=base.module, example_input=base.example_input)

@@ -76,7 +76,9 @@ def quantize_model(
     torch.backends.quantized.engine = engine
     float_model = copy.deepcopy(module).eval()
     example = calibration[:1]
-    with _quiet_ao(), torch.no_grad():
+    # Forked RNG: preparing and converting draws from torch's global generator, and loading
+    # a model must leave the caller's RNG state as it found it (as every other builder does).
+    with _quiet_ao(), torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
             prepared = prepare_fx(float_model, get_default_qconfig_mapping(engine), (example,))
             for i in range(0, len(calibration), _CALIBRATION_BATCH):

@@ -27,9 +27,10 @@ all five ImageNet-style teachers: they share input and classes, and what limits
 the edge is the student's own cost, not which teacher it copies.
 
 Spec ``student:M`` loads M's student (``load_model("student:tinycnn-digits")``):
-with the weights shipped in ``splitinfer/weights/student-M.pt`` when there are
-any (there are for ``tinycnn-digits``), else with its seeded random init. Every
+with the weights shipped in ``splitinfer/models/weights/student-M.pt`` when there
+are any (there are for ``tinycnn-digits``), else with its seeded random init. Every
 builder is deterministic: same weights in every process, caller's RNG untouched.
+The blocks are the zoo's (``ConvBNAct``, ``InvertedResidual``) with ReLU.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ import torch
 from torch import nn
 
 from splitinfer.errors import UserError
-from splitinfer.models.loader import LoadedModel, builtin_models
+from splitinfer.models.catalog import builtin_models
 from splitinfer.models.pretrained import STUDENT_PREFIX, TRAINED, load_weights_into, read_weights, shipped_weights
+from splitinfer.models.seeding import seeded, seeded_randn
+from splitinfer.models.spec import LoadedModel
+from splitinfer.models.zoo import ConvBNAct, InvertedResidual, init_weights
 
 __all__ = [
     "MICRO32",
@@ -57,8 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -108,35 +110,8 @@ _STUDENT_OF: dict[str, StudentArch] = {
 }
 
 
-class _ConvBNReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True):
-        layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-        ]
-        if relu:
-            layers.append(nn.ReLU())
-        super().__init__(*layers)
-
-
-class _InvertedResidual(nn.Module):
-    """1x1 expand (skipped at t=1), depthwise 3x3, linear 1x1 project; shortcut when shapes match."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        self.use_res_connect = stride == 1 and cin == cout
-        layers: list[nn.Module] = []
-        if expand != 1:
-            layers.append(_ConvBNReLU(cin, hidden, kernel=1))
-        layers.append(_ConvBNReLU(hidden, hidden, stride=stride, groups=hidden))
-        layers.append(_ConvBNReLU(hidden, cout, kernel=1, relu=False))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_res_connect:  # a bool fixed at construction: fx resolves it while tracing
-            return x + self.conv(x)
-        return self.conv(x)
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> ConvBNAct:
+    return ConvBNAct(cin, cout, kernel, stride, act=nn.ReLU)
 
 
 class StudentNet(nn.Module):
@@ -145,15 +120,18 @@ class StudentNet(nn.Module):
     def __init__(self, arch: StudentArch, num_classes: int) -> None:
         super().__init__()
         self.arch_name = arch.name
-        layers: list[nn.Module] = [_ConvBNReLU(3, arch.stem_width, stride=arch.stem_stride)]
+        layers: list[nn.Module] = [_conv_bn_relu(3, arch.stem_width, stride=arch.stem_stride)]
         width = arch.stem_width
         for t, c, n, s in arch.stages:
             for i in range(n):
                 stride = s if i == 0 else 1
-                layers.append(_ConvBNReLU(width, c, stride=stride) if t == 0 else _InvertedResidual(width, c, stride, t))
+                if t == 0:
+                    layers.append(_conv_bn_relu(width, c, stride=stride))
+                else:
+                    layers.append(InvertedResidual(width, c, stride, t, act=nn.ReLU))
                 width = c
         if arch.head_width:
-            layers.append(_ConvBNReLU(width, arch.head_width, kernel=1))
+            layers.append(_conv_bn_relu(width, arch.head_width, kernel=1))
             width = arch.head_width
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -164,17 +142,10 @@ class StudentNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def _init(model: nn.Module) -> None:
+def _init(model: nn.Module) -> nn.Module:
     """He (fan-in) convs, unit BN, small linear: activations keep their scale at random init."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+    init_weights(model, conv_mode="fan_in")
+    return model
 
 
 def _base(teacher: str) -> str:
@@ -217,11 +188,8 @@ def default_student(teacher: str) -> str:
 def build_student(teacher: str) -> nn.Module:
     """A fresh student of a built-in teacher, seeded init, in eval mode."""
     arch = student_arch(teacher)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
-        model = StudentNet(arch, _num_classes(teacher))
-        _init(model)
-    return model.eval()
+    num_classes = _num_classes(teacher)
+    return seeded(lambda: _init(StudentNet(arch, num_classes))).eval()
 
 
 def load_student(teacher: str) -> LoadedModel:
@@ -233,7 +201,6 @@ def load_student(teacher: str) -> LoadedModel:
         load_weights_into(module, weights, str(path))
         log.debug("loaded %s", path)
     arch = student_arch(teacher)
-    gen = torch.Generator().manual_seed(_SEED)
-    example = torch.randn((1, 3, arch.input_size, arch.input_size), generator=gen)
+    example = seeded_randn((1, 3, arch.input_size, arch.input_size))
     return LoadedModel(name=student_spec(teacher), module=module, example_input=example)
 

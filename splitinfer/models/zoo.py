@@ -14,7 +14,9 @@ Rules every model here keeps, because the graph is traced with
 
 Each public builder returns a fresh model in eval mode with weights drawn from a
 private RNG stream seeded with 0: two processes building the same model get
-bit-identical weights, and the caller's global RNG state is left untouched.
+bit-identical weights, and the caller's global RNG state is left untouched
+(``splitinfer.models.seeding``). The blocks and the initialisation are public:
+the students (``splitinfer.models.students``) are built from them.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "tinycnn"]
+from splitinfer.models.seeding import seeded
 
-_SEED = 0
+__all__ = [
+    "alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "tinycnn",
+    "ConvBNAct", "InvertedResidual", "init_weights",
+]  # fmt: skip
 
 
 def _deterministic(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -35,20 +40,19 @@ def _deterministic(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
     @functools.wraps(build)
     def wrapper() -> nn.Module:
-        # devices=[]: only the CPU generator is forked; we never touch CUDA here.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SEED)
-            model = build()
-        return model.eval()
+        return seeded(build).eval()
 
     return wrapper
 
 
-def _init_weights(model: nn.Module) -> None:
-    """torchvision's initialisation: He-normal convs, unit BN, small-normal linears."""
+def init_weights(model: nn.Module, conv_mode: str = "fan_out") -> None:
+    """torchvision's initialisation: He-normal convs, unit BN, small-normal linears.
+
+    ``conv_mode="fan_in"`` keeps activations at their scale going forward (the students).
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
@@ -249,12 +253,15 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------- MobileNetV2
 
 
-class ConvBNReLU6(nn.Sequential):
-    """Conv (optionally depthwise via ``groups``), BatchNorm, optional ReLU6."""
+class ConvBNAct(nn.Sequential):
+    """Conv (optionally depthwise via ``groups``), BatchNorm, optional activation.
+
+    ``act`` is ReLU6 for MobileNetV2; the students pass ReLU, which int8 fusion takes.
+    """
 
     def __init__(
         self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1,
-        groups: int = 1, activation: bool = True,
+        groups: int = 1, activation: bool = True, act: Callable[[], nn.Module] = nn.ReLU6,
     ) -> None:  # fmt: skip
         padding = (kernel_size - 1) // 2
         layers: list[nn.Module] = [
@@ -262,22 +269,25 @@ class ConvBNReLU6(nn.Sequential):
             nn.BatchNorm2d(out_planes),
         ]
         if activation:
-            layers.append(nn.ReLU6())
+            layers.append(act())
         super().__init__(*layers)
 
 
 class InvertedResidual(nn.Module):
     """Expand (1x1), depthwise 3x3, linear project (1x1); shortcut when shapes match."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int, expand_ratio: int) -> None:
+    def __init__(
+        self, in_planes: int, out_planes: int, stride: int, expand_ratio: int,
+        act: Callable[[], nn.Module] = nn.ReLU6,
+    ) -> None:  # fmt: skip
         super().__init__()
         hidden = in_planes * expand_ratio
         self.use_res_connect = stride == 1 and in_planes == out_planes
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(ConvBNReLU6(in_planes, hidden, kernel_size=1))
-        layers.append(ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden))
-        layers.append(ConvBNReLU6(hidden, out_planes, kernel_size=1, activation=False))
+            layers.append(ConvBNAct(in_planes, hidden, kernel_size=1, act=act))
+        layers.append(ConvBNAct(hidden, hidden, stride=stride, groups=hidden, act=act))
+        layers.append(ConvBNAct(hidden, out_planes, kernel_size=1, activation=False))
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,12 +315,12 @@ class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         in_planes, last_planes = 32, 1280
-        features: list[nn.Module] = [ConvBNReLU6(3, in_planes, stride=2)]
+        features: list[nn.Module] = [ConvBNAct(3, in_planes, stride=2)]
         for t, c, n, s in _MOBILENET_V2_SETTINGS:
             for i in range(n):
                 features.append(InvertedResidual(in_planes, c, s if i == 0 else 1, t))
                 in_planes = c
-        features.append(ConvBNReLU6(in_planes, last_planes, kernel_size=1))
+        features.append(ConvBNAct(in_planes, last_planes, kernel_size=1))
         self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_planes, num_classes))
@@ -359,7 +369,7 @@ class TinyCNN(nn.Module):
 def alexnet() -> nn.Module:
     """AlexNet (torchvision layout), 1000 classes, 3x224x224 input."""
     model = AlexNet()
-    _init_weights(model)
+    init_weights(model)
     return model
 
 
@@ -367,7 +377,7 @@ def alexnet() -> nn.Module:
 def vgg16() -> nn.Module:
     """VGG-16 without batch norm, 1000 classes, 3x224x224 input."""
     model = VGG(_VGG16_CFG)
-    _init_weights(model)
+    init_weights(model)
     return model
 
 
@@ -375,7 +385,7 @@ def vgg16() -> nn.Module:
 def resnet18() -> nn.Module:
     """ResNet-18, 1000 classes, 3x224x224 input."""
     model = ResNet(BasicBlock, (2, 2, 2, 2))
-    _init_weights(model)
+    init_weights(model)
     return model
 
 
@@ -383,7 +393,7 @@ def resnet18() -> nn.Module:
 def resnet50() -> nn.Module:
     """ResNet-50 (v1.5: stride on the 3x3 conv), 1000 classes, 3x224x224 input."""
     model = ResNet(Bottleneck, (3, 4, 6, 3))
-    _init_weights(model)
+    init_weights(model)
     return model
 
 
@@ -397,7 +407,7 @@ def _init_mobilenet_scale_preserving(model: nn.Module) -> None:
     projection) keeps activations near unit scale instead.
     """
     for m in model.modules():
-        if isinstance(m, ConvBNReLU6):
+        if isinstance(m, ConvBNAct):
             conv = m[0]
             assert isinstance(conv, nn.Conv2d)
             gain = "relu" if len(m) == 3 else "linear"
@@ -408,7 +418,7 @@ def _init_mobilenet_scale_preserving(model: nn.Module) -> None:
 def mobilenet_v2() -> nn.Module:
     """MobileNetV2 (width 1.0), 1000 classes, 3x224x224 input."""
     model = MobileNetV2()
-    _init_weights(model)
+    init_weights(model)
     _init_mobilenet_scale_preserving(model)
     return model
 
@@ -417,5 +427,5 @@ def mobilenet_v2() -> nn.Module:
 def tinycnn() -> nn.Module:
     """Small residual CNN, 10 classes, 3x32x32 input."""
     model = TinyCNN()
-    _init_weights(model)
+    init_weights(model)
     return model

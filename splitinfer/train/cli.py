@@ -8,17 +8,22 @@ mistakes raise ``UserError``, which the CLI prints as one line.
 
 from __future__ import annotations
 
-import json
 import re
-import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from splitinfer.util.output import emit_json
+
+if TYPE_CHECKING:
+    from splitinfer.train.training import TrainConfig, TrainResult
 
 __all__ = ["train_cmd", "distill_cmd", "evaluate_cmd"]
 
@@ -26,14 +31,41 @@ _console = Console()
 _err_console = Console(stderr=True)
 
 _SPEC_HELP = "model spec: built-in name, student:NAME, int8:SPEC, path/to/weights.pt, or file.py:function"
+_DATA = "sklearn digits, fixed 80/20 stratified split (splitinfer.models.data)"
 
 
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
-    sys.stdout.flush()
+# Options the commands share: a fresh OptionInfo per use, same flags and help everywhere.
+def _epochs_opt(default: int, help: str) -> Any:
+    return typer.Option(default, "--epochs", help=help)
 
 
-def _bar(total: int, what: str) -> Progress:
+def _lr_opt(default: float) -> Any:
+    return typer.Option(default, "--lr", help="peak learning rate (AdamW, one-cycle schedule)")
+
+
+def _batch_size_opt() -> Any:
+    return typer.Option(64, "--batch-size", help="images per step")
+
+
+def _threads_opt(help: str = "torch threads; 1 keeps the result bit-reproducible") -> Any:
+    return typer.Option(1, "--threads", help=help)
+
+
+def _max_train_opt() -> Any:
+    return typer.Option(None, "--max-train", help="use only this many training images")
+
+
+def _max_test_opt() -> Any:
+    return typer.Option(None, "--max-test", help="measure on only this many held-out images")
+
+
+def _json_opt() -> Any:
+    return typer.Option(False, "--json", help="print one JSON object")
+
+
+@contextmanager
+def _epoch_bar(total: int, what: str) -> Iterator[Callable[[int, float, float], None]]:
+    """A progress bar on stderr for ``total`` epochs; yields the training progress callback."""
     bar = Progress(
         TextColumn(what),
         BarColumn(),
@@ -43,8 +75,32 @@ def _bar(total: int, what: str) -> Progress:
         console=_err_console,
         transient=True,
     )
-    bar.add_task(what, total=total, loss="-")
-    return bar
+    task = bar.add_task(what, total=total, loss="-")
+    with bar:
+        yield lambda epoch, loss, _s: bar.update(task, completed=epoch + 1, loss=f"{loss:.4f}")
+
+
+def _meta(
+    head: dict[str, Any], cfg: TrainConfig, result: TrainResult, command: str, loss: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A weights file's meta: what made it (``head``, the config, the loss terms) and how well it does."""
+    import torch
+
+    return {
+        **head,
+        "data": _DATA,
+        "epochs": cfg.epochs,
+        **(loss or {}),
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+        "max_train": cfg.max_train or 0,
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "torch": torch.__version__,
+        "command": command,
+    }
 
 
 def _default_out(model: str) -> Path:
@@ -59,14 +115,14 @@ def _pct(x: float) -> str:
 # ----------------------------------------------------------------------------- train
 def train_cmd(
     model: str = typer.Option("tinycnn", "--model", "-m", help=_SPEC_HELP + " (its current weights are the start)"),
-    epochs: int = typer.Option(8, "--epochs", help="passes over the 1,438 training digits"),
+    epochs: int = _epochs_opt(8, "passes over the 1,438 training digits"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="weights file to write (default: MODEL-digits.pt)"),
-    lr: float = typer.Option(1e-2, "--lr", help="peak learning rate (AdamW, one-cycle schedule)"),
-    batch_size: int = typer.Option(64, "--batch-size", help="images per step"),
+    lr: float = _lr_opt(1e-2),
+    batch_size: int = _batch_size_opt(),
     seed: int = typer.Option(0, "--seed", help="seeds the batch order (and any randomness in training)"),
-    threads: int = typer.Option(1, "--threads", help="torch threads; 1 keeps the result bit-reproducible"),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="use only this many training images"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: int = _threads_opt(),
+    max_train: Optional[int] = _max_train_opt(),
+    json_out: bool = _json_opt(),
 ) -> None:
     """Train a model on scikit-learn's digits (fixed 80/20 split) and write its weights."""
     import torch
@@ -79,26 +135,11 @@ def train_cmd(
     cfg.check()
     arch = architecture_spec(model)
     out = out or _default_out(model)
-    with _bar(epochs, f"training {model}") as bar:
-        lm, result = train_teacher(
-            model, cfg, progress=lambda e, loss, _s: bar.update(bar.task_ids[0], completed=e + 1, loss=f"{loss:.4f}")
-        )
+    with _epoch_bar(epochs, f"training {model}") as progress:
+        lm, result = train_teacher(model, cfg, progress=progress)
     h = weights_hash(lm.module)
-    meta = {
-        "kind": "trained",
-        "model": model,
-        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.models.data)",
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "threads": threads,
-        "max_train": max_train or 0,
-        "train_accuracy": result.train_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "torch": torch.__version__,
-        "command": f"splitinfer train --model {model} --epochs {epochs} --out {out}",
-    }
+    command = f"splitinfer train --model {model} --epochs {epochs} --out {out}"
+    meta = _meta({"kind": "trained", "model": model}, cfg, result, command)
     # Reproduced the shipped weights? Read before writing: --out may be the shipped file itself.
     shipped = shipped_weights(f"{model}-digits")
     same_as_shipped: bool | None = None
@@ -120,7 +161,7 @@ def train_cmd(
         "same_as_shipped": same_as_shipped,
     }
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     _console.print(
         f"[bold]{model}[/] trained {epochs} epochs in {result.seconds:.1f} s: held-out accuracy "
@@ -139,21 +180,19 @@ def distill_cmd(
         None, "--student", "-s", help="student spec (default: student:TEACHER's architecture, fresh init)"
     ),
     out: Path = typer.Option(..., "--out", "-o", help="weights file to write"),
-    epochs: int = typer.Option(30, "--epochs", help="passes over the training digits"),
+    epochs: int = _epochs_opt(30, "passes over the training digits"),
     alpha: float = typer.Option(0.3, "--alpha", help="weight of the label loss; 1 - alpha weighs the teacher"),
     temperature: float = typer.Option(4.0, "--temperature", "-T", help="softmax temperature of both models"),
-    lr: float = typer.Option(2e-2, "--lr", help="peak learning rate (AdamW, one-cycle schedule)"),
-    batch_size: int = typer.Option(64, "--batch-size", help="images per step"),
+    lr: float = _lr_opt(2e-2),
+    batch_size: int = _batch_size_opt(),
     seed: int = typer.Option(0, "--seed", help="seeds the batch order"),
-    threads: int = typer.Option(1, "--threads", help="torch threads; 1 keeps the result bit-reproducible"),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="use only this many training images"),
-    max_test: Optional[int] = typer.Option(None, "--max-test", help="measure on only this many held-out images"),
+    threads: int = _threads_opt(),
+    max_train: Optional[int] = _max_train_opt(),
+    max_test: Optional[int] = _max_test_opt(),
     int8: bool = typer.Option(False, "--int8", help="also quantize the student to int8 and report its accuracy"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    json_out: bool = _json_opt(),
 ) -> None:
     """Distill a teacher into a small student on digits: alpha*CE + (1-alpha)*T^2*KL."""
-    import torch
-
     from splitinfer.models.loader import weights_hash
     from splitinfer.models.pretrained import architecture_spec, save_weights
     from splitinfer.models.students import default_student
@@ -166,11 +205,8 @@ def distill_cmd(
     cfg.check()
     student_spec = student or default_student(teacher)
     arch = architecture_spec(student_spec)
-    with _bar(epochs, f"distilling {teacher} -> {student_spec}") as bar:
-        made = distill(
-            teacher, student_spec, cfg,
-            progress=lambda e, loss, _s: bar.update(bar.task_ids[0], completed=e + 1, loss=f"{loss:.4f}"),
-        )  # fmt: skip
+    with _epoch_bar(epochs, f"distilling {teacher} -> {student_spec}") as progress:
+        made = distill(teacher, student_spec, cfg, progress=progress)
     lm, result, teacher_acc = made.student, made.result, made.teacher_accuracy
     int8_acc: float | None = None
     if int8:
@@ -180,26 +216,15 @@ def distill_cmd(
         q = quantize_model(lm.module, lm.input_shape)
         data = digits_dataset(lm.input_shape, max_train=1, max_test=max_test)
         int8_acc = accuracy(q, data.x_test.contiguous(), data.y_test)
-    meta: dict[str, Any] = {
+    head = {
         "kind": "distilled",
         "teacher": teacher,
         "teacher_hash": made.teacher_hash,
         "teacher_accuracy": teacher_acc,
         "student": student_spec,
-        "data": "sklearn digits, fixed 80/20 stratified split (splitinfer.models.data)",
-        "epochs": epochs,
-        "alpha": alpha,
-        "temperature": temperature,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "threads": threads,
-        "max_train": max_train or 0,
-        "train_accuracy": result.train_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "torch": torch.__version__,
-        "command": f"splitinfer distill --teacher {teacher} --out {out} --epochs {epochs}",
     }
+    command = f"splitinfer distill --teacher {teacher} --out {out} --epochs {epochs}"
+    meta = _meta(head, cfg, result, command, loss={"alpha": alpha, "temperature": temperature})
     if int8_acc is not None:
         meta["int8_test_accuracy"] = int8_acc
     save_weights(out, arch, lm.module, meta)
@@ -219,7 +244,7 @@ def distill_cmd(
         "weights_hash": weights_hash(lm.module),
     }
     if json_out:
-        _emit_json(summary)
+        emit_json(summary)
         return
     table = Table(title=f"distilled {teacher} -> {student_spec} ({epochs} epochs, {result.seconds:.1f} s)")
     for col in ("model", "held-out accuracy"):
@@ -235,9 +260,9 @@ def distill_cmd(
 # --------------------------------------------------------------------------- evaluate
 def evaluate_cmd(
     model: list[str] = typer.Option(..., "--model", "-m", help=_SPEC_HELP + " (repeat for several)"),
-    threads: int = typer.Option(1, "--threads", help="torch threads for the latency (1: the edge)"),
-    max_test: Optional[int] = typer.Option(None, "--max-test", help="measure on only this many held-out images"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: int = _threads_opt("torch threads for the latency (1: the edge)"),
+    max_test: Optional[int] = _max_test_opt(),
+    json_out: bool = _json_opt(),
 ) -> None:
     """Held-out digits accuracy, size and batch-1 edge latency of models."""
     from splitinfer.models.data import HELD_OUT_FRACTION, SPLIT_SEED
@@ -245,7 +270,7 @@ def evaluate_cmd(
 
     rows = [evaluate(spec, threads=threads, max_test=max_test) for spec in model]
     if json_out:
-        _emit_json(
+        emit_json(
             {
                 "data": {"name": "sklearn digits", "held_out_fraction": HELD_OUT_FRACTION, "split_seed": SPLIT_SEED},
                 "models": [{**asdict(r), "size_kb": round(r.size_kb, 1), "latency_ms": round(r.latency_ms, 4)} for r in rows],

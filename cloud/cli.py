@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Optional
 
 import typer
 
 from splitinfer.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def cloud_cmd(
@@ -22,9 +25,15 @@ def cloud_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the tails"),
     no_advertise: bool = typer.Option(False, "--no-advertise", help="do not announce on mDNS"),
     interface: Optional[str] = typer.Option(None, "--interface", help="address to advertise on"),
+    token_file: Optional[str] = typer.Option(None, "--token-file", help="JSON/TOML of named clients: token and scopes (infer, admin)"),
+    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS"),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    tls_client_ca: Optional[str] = typer.Option(None, "--tls-client-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)"),
 ) -> None:
     """Serve the tail of any cut of the given models (HTTP, WebSocket, metrics)."""
+    from splitinfer.cloud.auth import Tokens
     from splitinfer.cloud.service import WorkerConfig
+    from splitinfer.cloud.tls import site_context, worker_pin
     from splitinfer.cloud.worker import serve
 
     if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or (threads is not None and threads < 1):
@@ -42,10 +51,20 @@ def cloud_cmd(
         threads=threads,
         advertise=not no_advertise,
         interface=interface,
+        token_file=token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
     )
+    # Bad token or certificate files fail here, in one line, before models load.
+    tokens = Tokens.from_config(token, token_file)
+    pin = worker_pin(tls_cert) if tls_cert and site_context(config) is not None else None
+    if tokens.enabled and not tls_cert and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("tokens travel in clear text without --tls-cert: anyone on the path can read them")
 
     def ready(url: str) -> None:
-        sys.stdout.write(f"splitinfer cloud serving on {url} (models: {', '.join(model)})\n")
+        pinned = f"; certificate pin sha256:{pin}" if pin else ""  # what edges give as --tls-pin
+        sys.stdout.write(f"splitinfer cloud serving on {url} (models: {', '.join(model)}{pinned})\n")
         sys.stdout.flush()
 
     try:

@@ -6,16 +6,19 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Sequence
+
+from splitinfer.util.procs import python_module
 
 
 class CloudProcess:
     """`splitinfer cloud` as a child process; `url` is set once it prints that it serves.
 
-    `prefix` runs it under another command (e.g. `ip netns exec NS`)."""
+    `prefix` runs it under another command (e.g. `ip netns exec NS`). The keyword options
+    are the worker's security settings (same as `--token`, `--token-file`, `--tls-cert`,
+    `--tls-key`, `--tls-client-ca`; they may as well be given in `args`)."""
 
     def __init__(
         self,
@@ -25,8 +28,18 @@ class CloudProcess:
         port: int = 0,
         advertise: bool = False,
         env: dict[str, str] | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_client_ca: str | None = None,
     ):
-        cmd = [*prefix, sys.executable, "-m", "splitinfer.cli", "cloud", "--port", str(port), *args]
+        cmd = [*prefix, *python_module("splitinfer.cli", "cloud", "--port", str(port), *args)]
+        options = {"--token": token, "--token-file": token_file, "--tls-cert": tls_cert,
+                   "--tls-key": tls_key, "--tls-client-ca": tls_client_ca}  # fmt: skip
+        for flag, value in options.items():
+            if value is not None:
+                cmd += [flag, str(value)]
         if not advertise:
             cmd.append("--no-advertise")
         self.proc = subprocess.Popen(

@@ -36,6 +36,7 @@ from splitinfer.edge.bench_run import check_run_args, run_requests
 from splitinfer.edge.client import CloudClient
 from splitinfer.edge.cloud_calls import CloudRequest, ask_cloud, check_cloud_model
 from splitinfer.edge.config import AgentConfig
+from splitinfer.edge.cutinfo import CutInfo
 from splitinfer.edge.fallback import FallbackRunner, top1_confidence
 from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.edge.hooks import NO_HOOKS, AgentHooks
@@ -63,7 +64,7 @@ class EdgeAgent:
         self.fallback: FallbackRunner | None = None
         self.status: StatusPublisher | None = None
         self.cut_id: str = ""
-        self.cut_info: dict[str, Any] = {}
+        self.cut_info: CutInfo | None = None  # set by start()
         self.counters: dict[str, int] = {"requests": 0, "cloud": 0, "edge": 0, "fallback": 0, "errors": 0}
         self.state = "starting"  # cloud | fallback | edge: where answers come from now
         self.policy: Adaptive | None = None  # --cut auto: re-cuts per request
@@ -121,7 +122,7 @@ class EdgeAgent:
         if cfg.advertise:
             self.status = StatusPublisher(self, cfg.interface, cfg.status_host)
             await self.status.start()
-        log.info("%s: cut %s (%s)", self.runner.name, self.cut_id, self.cut_info.get("kind"))
+        log.info("%s: cut %s (%s)", self.runner.name, self.cut_id, self.cut_info["kind"] if self.cut_info else "?")
 
     async def _start_pool(self) -> None:
         cfg, runner = self.config, self.runner
@@ -174,12 +175,10 @@ class EdgeAgent:
             if self.status is not None:
                 self.status.changed()
 
-    def _user_cut_info(self, cut_id: str) -> dict[str, Any]:
+    def _user_cut_info(self, cut_id: str) -> CutInfo:
         assert self.runner is not None
-        info = {**self.runner.describe_cut(cut_id), "chosen_by": "user"}
-        if self.config.edge_slowdown != 1.0:
-            info["edge_slowdown"] = self.config.edge_slowdown
-        return info
+        slowdown = self.config.edge_slowdown
+        return self.runner.describe_cut(cut_id).chosen("user", edge_slowdown=slowdown if slowdown != 1.0 else None)
 
     def _switch_to(self, cut_id: str) -> None:
         """Later requests use ``cut_id``; tell the status and the on_cut_switch hook."""
@@ -208,7 +207,7 @@ class EdgeAgent:
             link = self.policy.estimated_link(time.monotonic())
             if link is not None:
                 return {"uplink_mbit": round(link.uplink_mbit, 4), "rtt_ms": round(link.rtt_ms, 3), "estimated": True}
-        link = self.cut_info.get("link")
+        link = self.cut_info.get("link") if self.cut_info else None
         return dict(link) if isinstance(link, dict) else None
 
     def next_id(self) -> str:
@@ -335,7 +334,7 @@ class EdgeAgent:
         if self.pool is None or self.pool.best() is None:
             return "cloud_unavailable"
         deadline = self.config.deadline_ms
-        predicted = self.cut_info.get("predicted_ms")
+        predicted = self.cut_info.get("predicted_ms") if self.cut_info else None
         if plan is not None and self.policy is not None:
             link = self.policy.estimated_link(time.monotonic())
             predicted = self.policy.table.predicted_ms(plan, link) if link is not None else None
@@ -407,4 +406,4 @@ class EdgeAgent:
 
         answers = await run_requests(self, runner.loaded, requests, rate, warmup=self.config.warmup,
                                      reference=full if self.config.verify else None)  # fmt: skip
-        return summarize(answers, {**self.cut_info, "switches": self.switches} if self.policy else dict(self.cut_info))
+        return summarize(answers, {**(self.cut_info or {}), "switches": self.switches} if self.policy else dict(self.cut_info or {}))

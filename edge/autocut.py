@@ -27,6 +27,7 @@ from splitinfer.edge.config import AgentConfig
 from splitinfer.edge.head import HeadRunner
 from splitinfer.edge.hooks import AgentHooks
 from splitinfer.edge.pool import WorkerHandle
+from splitinfer.edge.cutinfo import CutInfo
 from splitinfer.errors import UserError
 from splitinfer.wire.codec_cost import model_codec_cost
 
@@ -41,7 +42,7 @@ HEALTH_PINGS = 3  # /healthz round trips whose median is the RTT (a before_send 
 
 async def choose_auto(
     cfg: AgentConfig, runner: HeadRunner, client: CloudClient | None, hooks: AgentHooks
-) -> tuple[Plan, str, dict[str, Any]]:
+) -> tuple[Plan, str, CutInfo]:
     """Plan ``--cut auto``: (the plan, the first cut's canonical id, its cut_info).
 
     ``client`` is the worker in use now (None when none is usable yet: the link is then
@@ -59,17 +60,15 @@ async def choose_auto(
     except UserError as exc:
         raise UserError(f"cannot partition {runner.name}: {exc}") from None
     cut_id = runner.resolve_cut(plan.first.id)
-    info = {
-        **runner.describe_cut(cut_id),
-        "chosen_by": "auto",
-        "predicted_ms": round(plan.first.predicted_ms, 4),
-        "breakdown": plan.first.breakdown.to_json(),
-        "link": {**link.to_json(), "measured": measured},
-        "profiles": source,
-        "policy": "adaptive",
-    }
-    if cfg.edge_slowdown != 1.0:
-        info["edge_slowdown"] = cfg.edge_slowdown
+    info = runner.describe_cut(cut_id).chosen(
+        "auto",
+        predicted_ms=round(plan.first.predicted_ms, 4),
+        breakdown=plan.first.breakdown.to_json(),
+        link={**link.to_json(), "measured": measured},
+        profiles=source,
+        policy="adaptive",
+        edge_slowdown=cfg.edge_slowdown if cfg.edge_slowdown != 1.0 else None,
+    )
     return plan, cut_id, info
 
 

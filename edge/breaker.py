@@ -74,5 +74,13 @@ class CircuitBreaker:
         spread = 1.0 + self.jitter * (2 * self.rng() - 1)
         self.next_probe_at = self.clock() + backoff_s * spread
 
+    def probe_now(self) -> None:
+        """An open circuit may be probed at once (a newly found worker is checked right away)."""
+        self.next_probe_at = float("-inf")
+
+    def never_probe(self) -> None:
+        """An open circuit stays open for good (the worker can never serve us)."""
+        self.next_probe_at = float("inf")
+
     def seconds_to_probe(self) -> float:
         return max(0.0, self.next_probe_at - self.clock()) if self.state == OPEN else 0.0

@@ -2,12 +2,15 @@
 
 A thin layer over :class:`splitinfer.edge.agent.EdgeAgent`; user mistakes end in a
 UserError (one line, exit code 2), registered by ``splitinfer.cli``.
+:func:`run_edge_command` runs the same command with :class:`AgentHooks` (the network
+emulation's edge launcher), without going through the top-level CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from typing import Any, Optional
 
@@ -15,20 +18,41 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from splitinfer.edge.fallback import default_fallback
+from splitinfer.edge.hooks import AgentHooks
 from splitinfer.errors import UserError
+from splitinfer.util.stats import latency_stats
 
-__all__ = ["edge_cmd", "run_agent"]
+__all__ = ["default_fallback", "edge_cmd", "run_agent", "run_edge_command"]
 
 
-async def run_agent(config: Any, requests: int, rate: float | None) -> dict[str, Any]:
+async def run_agent(
+    config: Any, requests: int, rate: float | None, hooks: AgentHooks | None = None
+) -> dict[str, Any]:
     """Start an agent, run the requests, return the summary."""
     from splitinfer.edge.agent import EdgeAgent
 
-    async with EdgeAgent(config) as agent:
+    async with EdgeAgent(config, hooks) as agent:
         return await agent.run(requests, rate)
 
 
+def run_edge_command(argv: list[str], hooks: AgentHooks | None = None) -> None:
+    """`splitinfer edge ARGV...` with these hooks in its agent; exits like the CLI
+    (UserError: one line on stderr, exit code 2)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(add_completion=False)
+    app.command()(edge_cmd)
+    try:
+        app(args=list(argv), prog_name="splitinfer edge", obj=hooks)
+    except UserError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def edge_cmd(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function"),
     cloud: Optional[list[str]] = typer.Option(None, "--cloud", help="a cloud worker's URL (repeatable); default: discover over mDNS"),
     discover: Optional[bool] = typer.Option(None, "--discover/--no-discover", help="find workers over mDNS (default: when no --cloud)"),
@@ -48,6 +72,10 @@ def edge_cmd(
     compression: str = typer.Option("none", "--compression", help="activations on the wire: none, fp16, int8"),
     verify: bool = typer.Option(False, "--verify", help="also run the full model here and report max abs diff"),
     token: Optional[str] = typer.Option(None, "--token", envvar="SPLITINFER_TOKEN", help="bearer token of the worker"),
+    tls_ca: Optional[str] = typer.Option(None, "--tls-ca", help="PEM CA that signs trusted workers (https)"),
+    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS)"),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
+    tls_pin: Optional[list[str]] = typer.Option(None, "--tls-pin", help="SHA-256 of a trusted worker's certificate (repeatable)"),
     threads: int = typer.Option(1, "--threads", help="torch threads for the head (the edge's cores)"),
     edge_profile: Optional[str] = typer.Option(None, "--edge-profile", help="--cut auto: partition on this edge profile JSON (with --cloud-profile) instead of the bundled one"),
     cloud_profile: Optional[str] = typer.Option(None, "--cloud-profile", help="--cut auto: the cloud profile JSON to go with --edge-profile"),
@@ -55,6 +83,7 @@ def edge_cmd(
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig
+    from splitinfer.edge.tls import ClientTLS
 
     if requests < 1:
         raise UserError(f"--requests must be at least 1, got {requests}")
@@ -75,6 +104,7 @@ def edge_cmd(
         advertise=not no_advertise,
         start_wait_s=wait_s,
         token=token,
+        tls=ClientTLS(ca=tls_ca, cert=tls_cert, key=tls_key, pins=tuple(tls_pin or ())),
         cut=cut,
         bandwidth_mbit=bandwidth,
         rtt_ms=rtt,
@@ -85,23 +115,13 @@ def edge_cmd(
         edge_profile=edge_profile,
         cloud_profile=cloud_profile,
     )
-    summary = asyncio.run(run_agent(config, requests, rate))
+    hooks = ctx.obj if isinstance(ctx.obj, AgentHooks) else None  # run_edge_command's
+    summary = asyncio.run(run_agent(config, requests, rate, hooks))
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=1) + "\n")
         sys.stdout.flush()
         return
     _print_summary(summary, model, verify)
-
-
-def default_fallback(model: str) -> str | None:
-    """A built-in model's student (shipped weights where trained); none for user models."""
-    from splitinfer.models.students import student_arch, student_spec
-
-    try:
-        student_arch(model)
-    except UserError:
-        return None
-    return student_spec(model)
 
 
 def _ms(value: float | None) -> str:
@@ -124,8 +144,6 @@ def _print_summary(summary: dict[str, Any], model: str, verify: bool) -> None:
     table = Table(title=f"{summary['answered']}/{summary['requests']} answered, {summary['errors']} error(s)")
     for col in ("source", "requests", "mean ms", "p50 ms", "p95 ms", "max ms"):
         table.add_column(col, justify="left" if col == "source" else "right")
-    from splitinfer.edge.agent import latency_stats
-
     for source, count in summary["by_source"].items():
         if count:
             st = latency_stats([r["total_ms"] for r in summary["records"] if r["source"] == source and "error" not in r])

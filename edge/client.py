@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import statistics
 import time
 from dataclasses import dataclass
@@ -118,9 +119,16 @@ class CloudClient:
         *,
         connect_timeout_s: float = 5.0,  # TCP connect + WebSocket handshake
         http_timeout_s: float = 120.0,  # whole HTTP exchange (a first /v1/profile measures for seconds)
+        ssl_context: ssl.SSLContext | None = None,  # https: how to verify the worker (None: the system's CAs)
+        pin: str | None = None,  # https: the SHA-256 (hex) its certificate must have, checked on the handshake
     ) -> None:
         self.url = normalize_url(url)
         self.token = token
+        self.ssl_context = ssl_context
+        self.pin = pin
+        # Per request: the context (client certificate, verification). A pin goes on the
+        # connector, which checks it after the handshake and before anything is sent.
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s
         self.http_timeout_s = http_timeout_s
@@ -139,7 +147,9 @@ class CloudClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            fingerprint = aiohttp.Fingerprint(bytes.fromhex(self.pin)) if self.pin else True
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=fingerprint),
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.http_timeout_s, sock_connect=self.connect_timeout_s),
             )
@@ -164,6 +174,7 @@ class CloudClient:
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
                     autoping=True,
                     compress=0,  # activations do not deflate well; never spend CPU on it
+                    ssl=self._ssl,
                 )
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 401:
@@ -300,7 +311,7 @@ class CloudClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
         try:
             async with self._get_session().post(
-                self.url + "/v1/infer", data=body, headers={"Content-Type": MSGPACK}, timeout=timeout
+                self.url + "/v1/infer", data=body, headers={"Content-Type": MSGPACK}, timeout=timeout, ssl=self._ssl
             ) as resp:
                 data = await resp.read()
         except asyncio.TimeoutError:
@@ -321,7 +332,7 @@ class CloudClient:
         """One plain HTTP exchange: the answer's body; unreachable or timed out ->
         CloudUnavailable, an error status -> CloudError."""
         try:
-            async with self._get_session().request(method, self.url + path, **kwargs) as resp:
+            async with self._get_session().request(method, self.url + path, ssl=self._ssl, **kwargs) as resp:
                 data = await resp.read()
                 status, ctype = resp.status, resp.content_type
         except asyncio.TimeoutError:
@@ -420,6 +431,14 @@ def _http_error(status: int, ctype: str, data: bytes, where: str) -> Exception:
 
 def _describe(exc: BaseException) -> str:
     """One short line: the OS's words for a failed connect, else the exception's first line."""
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        return f"TLS certificate pin mismatch (expected {exc.expected.hex()[:16]}..., got {exc.got.hex()[:16]}...)"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_error = exc.certificate_error
+        reason = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None) or cert_error
+        return f"TLS certificate not trusted: {reason}"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS handshake failed: {getattr(exc.os_error, 'reason', None) or exc.os_error}"
     os_error = getattr(exc, "os_error", None)  # aiohttp.ClientConnectorError
     if isinstance(os_error, OSError) and os_error.errno:
         return os.strerror(os_error.errno)

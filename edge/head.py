@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 
 from splitinfer.errors import UserError
-from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture
+from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture, cut_kind
+from splitinfer.edge.cutinfo import CutInfo
 from splitinfer.models.loader import LoadedModel, weights_hash
 from splitinfer.core.split import SplitModel, outputs_dict, split_model
 
@@ -96,19 +97,18 @@ class HeadRunner:
             self._splits.setdefault(cut_id, split)
             return self._splits[cut_id]
 
-    def describe_cut(self, cut_id: str) -> dict[str, Any]:
+    def describe_cut(self, cut_id: str) -> CutInfo:
         """Index (when a prefix), kind, crossing tensors and their bytes at batch 1."""
         g = self.graph
         head = g.head_from_cut_id(cut_id)
         tensors = g.crossing(head)
-        kind = {EDGE_ONLY: "edge-only", CLOUD_ONLY: "cloud-only"}.get(cut_id, "split")
-        return {
-            "id": cut_id,
-            "index": g.prefix_index_of(head),
-            "kind": kind,
-            "tensors": tensors,
-            "bytes": sum(g.node(t).nbytes for t in tensors),
-        }
+        return CutInfo(
+            id=cut_id,
+            index=g.prefix_index_of(head),
+            kind=cut_kind(cut_id),
+            tensors=tuple(tensors),
+            bytes=sum(g.node(t).nbytes for t in tensors),
+        )
 
     # -- running -----------------------------------------------------------------------
     async def call(self, fn: Callable[..., T], *args: Any) -> T:

@@ -18,6 +18,7 @@ from typing import Callable
 from splitinfer.discovery.mdns import CLOUD_SERVICE, Browser, Peer
 from splitinfer.edge.breaker import CircuitBreaker
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, normalize_url
+from splitinfer.edge.tls import ClientTLS, Trust, client_for, decide
 from splitinfer.wire.protocol import InferResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class WorkerHandle:
     last_health: float = 0.0  # monotonic time of the last successful health check
     found_at: float = field(default_factory=time.monotonic)
     first_ok_at: float | None = None
+    trust: str = ""  # how it is authenticated: chosen (a --cloud URL), ca, pin, open (no token sent)
 
     @property
     def usable(self) -> bool:
@@ -59,6 +61,7 @@ class WorkerHandle:
             "state": self.breaker.state if self.verified else "unverified",
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "load": self.load,
+            "trust": self.trust,
         }
 
 
@@ -72,12 +75,14 @@ class CloudPool:
         discover: bool = False,
         interface: str | None = None,
         token: str | None = None,
+        tls: ClientTLS | None = None,
         on_change: Callable[[], None] | None = None,
         breaker_factory: Callable[[], CircuitBreaker] = CircuitBreaker,
     ):
         self.model_id = model_id
         self.weights_hash = weights_hash
         self.token = token
+        self.tls = tls or ClientTLS()
         self.discover = discover
         self.interface = interface
         self.on_change = on_change  # called when the set of usable workers changes
@@ -88,17 +93,22 @@ class CloudPool:
         self._monitor: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.rejections: dict[str, str] = {}  # url -> why it cannot serve us
+        self._skipped: set[str] = set()  # discovered workers refused for want of authentication
         for url in static_urls:
-            self._add(normalize_url(url), "static", url)
+            url = normalize_url(url)
+            trust = decide(url, static=True, tls=self.tls, has_token=token is not None)
+            assert isinstance(trust, Trust)  # the user chose it: always allowed
+            self._add(url, "static", url, trust)
 
     # -- membership ----------------------------------------------------------------------
-    def _add(self, url: str, source: str, name: str) -> WorkerHandle:
+    def _add(self, url: str, source: str, name: str, trust: Trust) -> WorkerHandle:
         if url in self.workers:
             return self.workers[url]
-        w = WorkerHandle(url=url, source=source, client=CloudClient(url, self.token), name=name)
+        client = client_for(url, self.token, trust)
+        w = WorkerHandle(url=url, source=source, client=client, name=name, trust=trust.how)
         w.breaker = self._breaker_factory()
         w.breaker.trip()  # unverified workers start open: the first probe checks them
-        w.breaker.next_probe_at = 0.0
+        w.breaker.probe_now()
         self.workers[url] = w
         return w
 
@@ -113,7 +123,14 @@ class CloudPool:
         short = peer.models().get(self.model_id)
         if short is None or not self.weights_hash.startswith(short):
             return  # does not serve our model with our weights
-        self._add(peer.url, "mdns", peer.name)
+        trust = decide(peer.url, static=False, tls=self.tls, has_token=self.token is not None, announced_pin=peer.pin)
+        if isinstance(trust, str):
+            if peer.url not in self._skipped:  # one line per worker, not per announcement
+                self._skipped.add(peer.url)
+                self.rejections[peer.url] = trust
+                log.warning("not using %s and not sending it the token: %s", peer.url, trust)
+            return
+        self._add(peer.url, "mdns", peer.name, trust)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self, initial_wait_s: float = 0.0) -> None:
@@ -191,7 +208,7 @@ class CloudPool:
                     self.rejections[w.url] = f"{w.url} {why} {self.model_id}"
                     log.warning("%s", self.rejections[w.url])
                     w.breaker.trip()
-                    w.breaker.next_probe_at = float("inf")  # never: it is the wrong worker
+                    w.breaker.never_probe()  # it is the wrong worker
                     return
                 w.verified = True
             await asyncio.wait_for(w.client.connect(), CHECK_TIMEOUT_S * 5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -32,7 +33,7 @@ class AgentView(Protocol):
     agent_id: str
     config: AgentConfig
     state: str
-    cut_info: dict[str, Any]
+    cut_info: Mapping[str, Any] | None
     counters: dict[str, int]
     runner: HeadRunner | None
     pool: CloudPool | None
@@ -47,7 +48,7 @@ class AgentView(Protocol):
 def agent_status(agent: AgentView) -> dict[str, Any]:
     """Counters, current cut, link estimate, the cloud in use."""
     best = agent.pool.best() if agent.pool else None
-    info = agent.cut_info
+    info = agent.cut_info or {}
     return {
         "agent_id": agent.agent_id,
         "model": agent.model_id if agent.runner else agent.config.model,
@@ -76,7 +77,7 @@ class StatusPublisher:
 
     def _txt(self) -> dict[str, str]:
         a = self.agent
-        info = a.cut_info
+        info = a.cut_info or {}
         cut = info.get("kind", "")
         if info.get("kind") == "split":
             cut = f"{info.get('index')}" if info.get("index") is not None else "split"

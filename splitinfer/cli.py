@@ -167,7 +167,7 @@ def partition_cmd(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Choose the cut with the lowest predicted latency for a link."""
-    from splitinfer.bench.compression import model_codec_cost
+    from splitinfer.wire.codec_cost import model_codec_cost
     from splitinfer.wire.codec import parse_compression
     from splitinfer.core.costmodel import Link
     from splitinfer.models.loader import load_model
@@ -274,6 +274,7 @@ def ls_cmd(
     timeout: float = typer.Option(2.0, "--timeout", help="seconds to listen for announcements"),
     interface: Optional[str] = typer.Option(None, "--interface", help="address to browse on"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    tls_ca: Optional[str] = typer.Option(None, "--tls-ca", help="check https workers' certificates against this PEM CA"),
 ) -> None:
     """Running cloud workers and edge agents on this network (mDNS)."""
     import asyncio
@@ -282,21 +283,29 @@ def ls_cmd(
 
     _positive("--timeout", timeout)
     found = asyncio.run(browse_all(timeout, interface))
+    checked: dict[str, str] = {}
+    if tls_ca:  # each https worker's certificate, checked on a real handshake
+        from splitinfer.edge.tls import ClientTLS, check_certificates
+
+        checked = asyncio.run(check_certificates([(p.url, p.pin) for p in found["clouds"]], ClientTLS(ca=tls_ca)))
     clouds = []
     for p in found["clouds"]:
         d = p.to_json()
         d["models"] = [{"id": mid, "hash": h} for mid, h in p.models().items()]
+        if p.url in checked:
+            d["tls"] = checked[p.url]
         clouds.append(d)
     edges = [p.to_json() for p in found["edges"]]
     if json_out:
         emit_json({"clouds": clouds, "edges": edges})
         return
     table = Table(title=f"cloud workers ({len(clouds)})")
-    for col in ("name", "url", "models", "token", "load"):
+    for col in ("name", "url", "models", "token", "load", "tls"):
         table.add_column(col)
     for c in clouds:
         table.add_row(c["name"], c["url"], ", ".join(f"{m['id']}:{m['hash']}" for m in c["models"]),
-                      "yes" if c.get("auth") == "1" else "no", c.get("load", "?"))
+                      "yes" if c.get("auth") == "1" else "no", c.get("load", "?"),
+                      c.get("tls", "https" if c.get("scheme") == "https" else "-"))
     console.print(table)
     table = Table(title=f"edge agents ({len(edges)})")
     for col in ("name", "url", "model", "cut", "state", "cloud"):
@@ -437,7 +446,7 @@ def _register_service_commands() -> None:
 
     from splitinfer.edge.cli import edge_cmd
     from splitinfer.simulations.cli import emulate_cmd, experiment_cmd, simulate_cmd
-    from splitinfer.demo.app import demo_cmd
+    from splitinfer.demo.cli import demo_cmd
     from splitinfer.train.cli import distill_cmd, evaluate_cmd, train_cmd
 
     app.command("cloud")(cloud_cmd)

@@ -121,3 +121,28 @@ async def test_edge_discovers_fails_over_and_takes_up_new_workers(cloud_process)
         while (a := await agent.infer(x)).cloud_url != third.url:
             assert a.ok and loop.time() < started + 30
         assert a.ok
+
+
+async def test_edge_status_listens_where_it_is_advertised() -> None:
+    """With --interface the edge's /status must listen on that address, not on loopback only."""
+    import aiohttp
+
+    from splitinfer.discovery.mdns import EDGE_SERVICE
+    from splitinfer.edge.agent import AgentConfig, EdgeAgent
+
+    other = "127.0.0.2"  # a second loopback address: not the default status host, and nothing leaves the machine
+    cfg = AgentConfig(model="tinycnn", cut="edge", interface=other, advertise=True, warmup=0)
+    async with EdgeAgent(cfg) as agent:
+        browser = Browser(EDGE_SERVICE, "edge", other)
+        await browser.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not (mine := [p for p in browser.peers.values() if p.properties.get("id") == agent.agent_id]):
+                assert asyncio.get_running_loop().time() < deadline, browser.peers
+                await asyncio.sleep(0.1)
+        finally:
+            await browser.stop()
+        assert mine[0].url.startswith(f"http://{other}:")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(mine[0].url + "/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                assert r.status == 200 and (await r.json())["agent_id"] == agent.agent_id

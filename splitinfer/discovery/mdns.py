@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from splitinfer.discovery.pin import PIN_KEY, SCHEME_KEY
+
 log = logging.getLogger(__name__)
 
 CLOUD_SERVICE = "_splitinfer._tcp.local."
@@ -44,6 +46,16 @@ class Peer:
                 mid, short = item.rsplit(":", 1)
                 out[mid] = short
         return out
+
+    @property
+    def scheme(self) -> str:
+        """"https" when the record says the worker serves TLS, else "http"."""
+        return "https" if self.properties.get(SCHEME_KEY) == "https" else "http"
+
+    @property
+    def pin(self) -> str | None:
+        """The SHA-256 of the certificate the worker says it presents (a hint to check, not trust)."""
+        return self.properties.get(PIN_KEY) or None
 
     def to_json(self) -> dict:
         return {"name": self.name, "url": self.url, **self.properties}
@@ -174,7 +186,8 @@ class Browser:
             for k, v in (info.properties or {}).items()
         }
         instance = name.removesuffix("." + service_type)
-        peer = Peer(name=instance, kind=self.kind, url=f"http://{addresses[0]}:{info.port}", properties=props)
+        scheme = "https" if props.get(SCHEME_KEY) == "https" else "http"  # nothing else gets into a URL
+        peer = Peer(name=instance, kind=self.kind, url=f"{scheme}://{addresses[0]}:{info.port}", properties=props)
         self.peers[name] = peer
         self._notify(peer, True)
 

@@ -1,8 +1,26 @@
-"""Dynamic batching: requests for the same model and cut, from any connection, run together.
+"""Dynamic batching with fairness: requests for one model and cut, from any connection, run
+together; models and clients take turns.
 
-A batch closes when it holds `max_batch` samples or its first request has waited
-`max_wait_ms`. Tails run one batch at a time on a dedicated worker thread, so torch never
-runs on the event loop and batches do not fight each other for the cores.
+Scheduling rules, in order:
+
+- *Per (model, cut) queues, round-robin.* Each key has its own queue; after a key runs a
+  batch it goes to the back of the line, so a busy model cannot starve another.
+- *Per client FIFOs, round-robin inside a batch.* A batch takes one request from each
+  waiting client in turn; a client (its credential, else its connection) may hold at most
+  ``client_share`` of the queue (``overloaded`` beyond that).
+- *At most ``max_batch`` samples per tail run.* A request with more samples is split into
+  chunks of ``max_batch`` that queue like separate requests, so a bystander waits for one
+  chunk, never for a whole 64-sample request.
+- *No needless waits.* A batch closes when it is full, when its first request has waited
+  ``max_wait_ms``, or before its earliest deadline. Where waiting is seen not to pay (the
+  last ``EAGER_AFTER`` waits of a key each ended with a single request), a request on an
+  idle tail runs at once and only what queues while the tail is busy is batched (as
+  Triton's dynamic batcher does without a queue delay); the first batch of two or more
+  requests turns waiting back on for that key.
+
+Tails run one batch at a time on a dedicated worker thread, so torch never runs on the
+event loop and batches do not fight each other for the cores. Work that must not overlap
+a tail (profiling's graph capture) runs on the same thread through :meth:`Batcher.exclusive`.
 """
 
 from __future__ import annotations
@@ -11,8 +29,9 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -21,8 +40,12 @@ from splitinfer.core.split import outputs_dict
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 DEADLINE_MARGIN_S = 0.002  # run a batch this long before its earliest deadline
+EAGER_AFTER = 2  # lone requests that waited in vain before a key stops waiting for company
+
+Key = tuple[str, str]  # (model id, canonical cut id)
 
 
 @dataclass
@@ -32,6 +55,7 @@ class Job:
     batch: int
     deadline: float | None  # time.monotonic() by which the answer is useless
     future: asyncio.Future = field(repr=False)
+    client: str = ""  # whose request (fair-share key)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -64,6 +88,52 @@ def run_batch(tail: Tail, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
         return [{k: parts[k][i].clone() for k in outputs} for i in range(len(jobs))]
 
 
+class _KeyQueue:
+    """The jobs waiting for one (model, cut): one FIFO per client."""
+
+    def __init__(self) -> None:
+        self.clients: OrderedDict[str, deque[Job]] = OrderedDict()
+        self.samples = 0
+        self.jobs = 0
+
+    def add(self, job: Job) -> None:
+        self.clients.setdefault(job.client, deque()).append(job)
+        self.samples += job.batch
+        self.jobs += 1
+
+    def first_enqueued(self) -> float:
+        return min(q[0].enqueued for q in self.clients.values())
+
+    def earliest_deadline(self) -> float | None:
+        deadlines = [j.deadline for q in self.clients.values() for j in q if j.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def take(self, max_batch: int) -> list[Job]:
+        """Up to ``max_batch`` samples, one job per client in turn (always at least one job)."""
+        batch: list[Job] = []
+        count = 0
+        progress = True
+        while progress and count < max_batch:
+            progress = False
+            for client in list(self.clients):
+                q = self.clients[client]
+                if batch and count + q[0].batch > max_batch:
+                    continue
+                job = q.popleft()
+                batch.append(job)
+                count += job.batch
+                progress = True
+                if not q:
+                    del self.clients[client]
+                if count >= max_batch:
+                    break
+        if self.clients:  # whoever went first this time goes last next time
+            self.clients.move_to_end(next(iter(self.clients)))
+        self.samples -= count
+        self.jobs -= len(batch)
+        return batch
+
+
 class Batcher:
     def __init__(
         self,
@@ -71,15 +141,20 @@ class Batcher:
         max_batch: int = 8,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
+        client_share: float = 1.0,
         threads: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ):
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1e3
         self.max_queue = max_queue
+        # samples one client may hold: never less than one full batch
+        self.client_limit = max(self.max_batch, int(max_queue * client_share))
         self.on_batch = on_batch  # metrics hook: samples per batch
         self._threads = threads
-        self._pending: dict[tuple[str, str], list[Job]] = {}
+        self._pending: OrderedDict[Key, _KeyQueue] = OrderedDict()
+        self._lone: dict[Key, int] = {}  # per key: consecutive waits that gathered no company
+        self._by_client: dict[str, int] = {}  # samples queued or running, per client
         self._wakeup = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tail", initializer=self._init_thread
@@ -114,37 +189,68 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, tail: Tail, tensors: dict[str, torch.Tensor], batch: int, deadline: float | None) -> JobResult:
+    async def exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the tail thread: it never overlaps a tail (queued behind the running batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def eager(self, key: Key) -> bool:
+        """Whether a lone request of ``key`` on an idle tail runs at once (see the module docstring)."""
+        return self.max_wait_s == 0 or self._lone.get(key, 0) >= EAGER_AFTER
+
+    async def submit(
+        self, tail: Tail, tensors: dict[str, torch.Tensor], batch: int, deadline: float | None, client: str = ""
+    ) -> JobResult:
         if self.queued + batch > self.max_queue:
             raise Overloaded(f"queue full ({self.queued} samples waiting)")
-        job = Job(tail, tensors, batch, deadline, asyncio.get_running_loop().create_future())
-        self._pending.setdefault((tail.model_id, tail.cut_id), []).append(job)
+        mine = self._by_client.get(client, 0)
+        if mine + batch > self.client_limit:
+            raise Overloaded(f"this client already has {mine} samples queued (its share is {self.client_limit})")
+        loop = asyncio.get_running_loop()
+        jobs = [
+            Job(tail, part, n, deadline, loop.create_future(), client)
+            for part, n in _chunks(tensors, batch, self.max_batch)
+        ]
+        queue = self._pending.setdefault((tail.model_id, tail.cut_id), _KeyQueue())
+        for job in jobs:
+            queue.add(job)
         self.queued += batch
+        self._by_client[client] = mine + batch
         self._wakeup.set()
         try:
-            return await job.future
+            results = await asyncio.gather(*(j.future for j in jobs))
         finally:
+            for job in jobs:  # one chunk failed or the caller went away: drop the rest
+                if not job.future.done():
+                    job.future.cancel()
             self.queued -= batch
+            left = self._by_client[client] - batch
+            if left:
+                self._by_client[client] = left
+            else:
+                del self._by_client[client]
+        return _merge(results)
 
     def _take_ready(self, now: float) -> tuple[list[Job], float | None]:
-        """A batch that is full or has waited long enough; else when to look again."""
+        """A batch that is ready (keys in round-robin order); else when to look again."""
         next_due: float | None = None
-        for key, jobs in self._pending.items():
-            samples = sum(j.batch for j in jobs)
-            due = jobs[0].enqueued + self.max_wait_s
-            # never let a request's deadline pass while it waits for company
-            deadlines = [j.deadline - DEADLINE_MARGIN_S for j in jobs if j.deadline is not None]
-            if deadlines:
-                due = min(due, min(deadlines))
-            if samples >= self.max_batch or now >= due or self._draining:
-                batch: list[Job] = []
-                count = 0
-                while jobs and (not batch or count + jobs[0].batch <= self.max_batch):
-                    job = jobs.pop(0)
-                    batch.append(job)
-                    count += job.batch
-                if not jobs:
+        for key, queue in self._pending.items():
+            first = queue.first_enqueued()
+            due = first + self.max_wait_s
+            deadline = queue.earliest_deadline()
+            if deadline is not None:  # never let a deadline pass while waiting for company
+                due = min(due, deadline - DEADLINE_MARGIN_S)
+            full = queue.samples >= self.max_batch
+            if full or now >= due or self._draining or self.eager(key):
+                timed_out = not full and not self._draining and now >= first + self.max_wait_s
+                batch = queue.take(self.max_batch)
+                if len(batch) > 1:
+                    self._lone[key] = 0  # company came: waiting pays for this key
+                elif timed_out and not self.eager(key):
+                    self._lone[key] = self._lone.get(key, 0) + 1
+                if not queue.jobs:
                     del self._pending[key]
+                else:
+                    self._pending.move_to_end(key)  # the other keys go first next time
                 return batch, None
             next_due = due if next_due is None else min(next_due, due)
         return [], next_due
@@ -190,6 +296,27 @@ class Batcher:
             self.on_batch(samples)
         for job, outputs in zip(live, results):
             if not job.future.done():
-                job.future.set_result(
-                    JobResult(outputs, (started - job.enqueued) * 1e3, compute_ms, samples)
-                )
+                job.future.set_result(JobResult(outputs, (started - job.enqueued) * 1e3, compute_ms, samples))
+
+
+def _chunks(tensors: dict[str, torch.Tensor], batch: int, size: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """Split a request along dim 0 into parts of at most ``size`` samples (views, no copy)."""
+    if batch <= size:
+        return [(tensors, batch)]
+    return [
+        ({k: v.narrow(0, start, min(size, batch - start)) for k, v in tensors.items()}, min(size, batch - start))
+        for start in range(0, batch, size)
+    ]
+
+
+def _merge(results: list[JobResult]) -> JobResult:
+    """One result for a request that ran in chunks: outputs concatenated in order."""
+    if len(results) == 1:
+        return results[0]
+    outputs = {k: torch.cat([r.outputs[k] for r in results]) for k in results[0].outputs}
+    return JobResult(
+        outputs,
+        queue_ms=results[0].queue_ms,
+        compute_ms=sum(r.compute_ms for r in results),
+        batch_size=max(r.batch_size for r in results),
+    )

@@ -25,6 +25,17 @@ class WorkerConfig:
     limits: CodecLimits = field(default=DEFAULT_LIMITS)  # what an untrusted message may hold
     remember_answers: int = 4096  # recent answers kept, so a retried request id is not recomputed
     # --- limits and scheduling (hardening) ---
+    answer_cache_bytes: int = 64 * 2**20  # output bytes of answers kept for retries (with remember_answers as a count cap)
+    max_request_samples: int = 64  # samples (dim 0) in one request; more is `too_large` (bounds a 16 KB zstd bomb)
+    max_queued_bytes: int = 256 * 2**20  # bodies, decoded tensors and unsent answers held at once; beyond: `overloaded`
+    client_share: float = 0.5  # of max_queue one client (credential, else connection) may hold; beyond: `overloaded`
+    conn_max_requests: int = 64  # requests in flight on one WebSocket; beyond, its next frames are not read
+    conn_max_bytes: int = 32 * 2**20  # bytes held for one WebSocket (its requests and unsent answers); beyond, not read
+    send_timeout_s: float = 30.0  # an answer the client does not take within this closes its WebSocket
+    idle_timeout_s: float = 15.0  # an idle keep-alive connection, or one still sending its headers, is closed
+    body_timeout_s: float = 10.0  # grace for a request body, on top of its size / min_body_rate
+    min_body_rate: int = 16 * 1024  # bytes/s a body must average after the grace (a 1 B/s body is cut off)
+    offload_bytes: int = 64 * 1024  # messages above this, and every compressed one, are decoded off the event loop
 
     # --- authentication and TLS (security) ---
     token_file: str | None = None  # JSON/TOML of named clients, each a token and scopes (infer, admin); with `token` too

@@ -28,5 +28,13 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+        self.held_bytes = Gauge(
+            "splitinfer_held_bytes", "Bytes of requests and unsent answers held (max_queued_bytes caps it)",
+            registry=self.registry,
+        )
+        self.answer_cache_bytes = Gauge(
+            "splitinfer_answer_cache_bytes", "Output bytes of answers kept for retries", registry=self.registry
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -100,56 +100,82 @@ class ModelRegistry:
         return hosted
 
     def tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail:
+        """The tail of a cut, built once per *canonical* cut: ``1``, ``01`` and ``001`` are one tail."""
         hosted = self.model(model_id, model_hash)
-        key = (model_id, cut_id)
+        cached = self._tails.get((model_id, cut_id))
+        if cached is not None:
+            return cached
         # Held while building: a burst of first requests for a cut builds its tail once.
         with self._lock:
+            head, canonical = self._canonical(hosted, cut_id)
+            key = (model_id, canonical)
             if key in self._tails:
                 self._tails.move_to_end(key)
                 return self._tails[key]
-            tail = self._build(hosted, cut_id)
+            split = split_model(hosted.gm, hosted.graph, head)
+            log.info("built tail of %s for cut %s", hosted.model_id, split.cut_id)
+            tail = Tail(hosted.model_id, canonical, split, tuple(hosted.spec_of(t) for t in split.tensors))
             self._tails[key] = tail
             while len(self._tails) > self._max_tails:
                 self._tails.popitem(last=False)
         return tail
 
-    def _build(self, hosted: HostedModel, cut_id: str) -> Tail:
+    @property
+    def tail_count(self) -> int:
+        """Tails built and cached (one per canonical cut)."""
+        return len(self._tails)
+
+    def cached_tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail | None:
+        """The tail of a canonical cut id if it is built already (cheap: safe on the event loop)."""
+        hosted = self.models.get(model_id)
+        if hosted is None or (model_hash and model_hash != hosted.hash):
+            return None
+        return self._tails.get((model_id, cut_id))
+
+    @staticmethod
+    def _canonical(hosted: HostedModel, cut_id: str) -> tuple[frozenset[str], str]:
+        """The head of ``cut_id`` and the cut's one canonical id; LookupFailed if there is none."""
         g = hosted.graph
         try:
             head = g.head_from_cut_id(cut_id)
         except Exception as exc:  # UserError for unknown tensors or a bad index
-            raise LookupFailed("unknown_cut", f"unknown cut {cut_id!r} of {hosted.model_id}: {exc}") from None
+            raise LookupFailed("unknown_cut", f"unknown cut {cut_id[:64]!r} of {hosted.model_id}: {exc}") from None
         if not g.crossing(head):
-            raise LookupFailed("unknown_cut", f"cut {cut_id!r} is edge-only: there is no tail to run")
-        split = split_model(hosted.gm, g, head)
-        if split.cut_id != cut_id and not cut_id.isdigit():
+            raise LookupFailed("unknown_cut", f"cut {cut_id[:64]!r} is edge-only: there is no tail to run")
+        canonical = g.cut_id(head)
+        if canonical != cut_id and not cut_id.isdigit():
             # e.g. tensors listed in another order: one canonical name per cut
-            raise LookupFailed("unknown_cut", f"cut {cut_id!r} is not canonical; use {split.cut_id!r}")
-        log.info("built tail of %s for cut %s", hosted.model_id, split.cut_id)
-        return Tail(hosted.model_id, cut_id, split, tuple(hosted.spec_of(t) for t in split.tensors))
+            raise LookupFailed("unknown_cut", f"cut {cut_id[:64]!r} is not canonical; use {canonical!r}")
+        return head, canonical
 
 
 def check_inputs(tail: Tail, tensors: dict[str, torch.Tensor]) -> int:
     """Check names, dtypes and shapes against the cut; return the batch size. Raises LookupFailed."""
+    return check_shapes(
+        tail, {name: (str(t.dtype).replace("torch.", ""), tuple(t.shape)) for name, t in tensors.items()}
+    )
+
+
+def check_shapes(tail: Tail, declared: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """Like :func:`check_inputs` for declared (dtype, shape) pairs: used before any payload is decoded."""
     expected = {s.name for s in tail.inputs}
-    if set(tensors) != expected:
+    if set(declared) != expected:
         raise LookupFailed(
-            "bad_tensor", f"cut {tail.cut_id!r} expects tensors {sorted(expected)}, got {sorted(tensors)}"
+            "bad_tensor", f"cut {tail.cut_id!r} expects tensors {sorted(expected)}, got {sorted(declared)[:16]}"
         )
     batch = None
     for spec in tail.inputs:
-        t = tensors[spec.name]
-        got_dtype = str(t.dtype).replace("torch.", "")
+        got_dtype, shape = declared[spec.name]
         if got_dtype != spec.dtype:
             raise LookupFailed("bad_tensor", f"tensor {spec.name!r} should be {spec.dtype}, got {got_dtype}")
-        if t.dim() != len(spec.shape) + 1 or tuple(t.shape[1:]) != spec.shape:
+        if len(shape) != len(spec.shape) + 1 or tuple(shape[1:]) != spec.shape:
             raise LookupFailed(
                 "bad_tensor",
-                f"tensor {spec.name!r} should have shape [B, {', '.join(map(str, spec.shape))}], got {list(t.shape)}",
+                f"tensor {spec.name!r} should have shape [B, {', '.join(map(str, spec.shape))}], got {list(shape)}",
             )
         if batch is None:
-            batch = int(t.shape[0])
-        elif t.shape[0] != batch:
+            batch = int(shape[0])
+        elif shape[0] != batch:
             raise LookupFailed("bad_tensor", "tensors of one request disagree on the batch size")
     if not batch:
         raise LookupFailed("bad_tensor", "batch size must be at least 1")

@@ -1,44 +1,73 @@
-"""The cloud worker's aiohttp application: HTTP and WebSocket endpoints over one service.
+"""InferenceService: one request from bytes to answer (validate, de-duplicate, admit, batch).
 
-`InferenceService` knows messages and models (validate, de-duplicate, batch, answer);
-the handlers below only move bytes. Every accepted request gets a result or an error
-message; no input, however malformed, takes the server down.
+The aiohttp routes that move the bytes live in :mod:`splitinfer.cloud.handlers`. Every
+accepted request gets a result or an error message; no input, however malformed, takes
+the server down. Order of the checks, cheapest first, so a hostile body costs little:
+
+1. the message is parsed up to its tensor *headers* (no payload decoded; off the event
+   loop above ``offload_bytes``);
+2. model, weights hash and cut are looked up; the declared names, dtypes and shapes are
+   checked against the cut and the sample count against ``max_request_samples``;
+3. a retry of an answered (or running) request is answered from the :class:`AnswerCache`;
+4. the bytes the decoded tensors will take are taken from the queue budget
+   (``max_queued_bytes``: `overloaded` when spent) - only then is anything decompressed
+   (off the event loop when compressed or big), into buffers of the declared size;
+5. the batcher admits it (queue and per-client share) and runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from aiohttp import WSCloseCode, WSMsgType, web
 
-from splitinfer.cloud.config import WorkerConfig
-from splitinfer.cloud.auth import Tokens, auth_middleware
+from splitinfer.cloud.answers import AnswerCache, ByteBudget
 from splitinfer.cloud.batcher import Batcher, DeadlineExceeded, Overloaded
+from splitinfer.cloud.config import WorkerConfig
+from splitinfer.cloud.memory import release_free_memory
 from splitinfer.cloud.metrics import WorkerMetrics
-from splitinfer.cloud.registry import LookupFailed, ModelRegistry, check_inputs
-from splitinfer.wire.codec import DEFAULT_LIMITS, CodecLimits
+from splitinfer.cloud.registry import LookupFailed, ModelRegistry, Tail, check_shapes
 from splitinfer.wire.protocol import (
-    PROTOCOL_VERSION,
     ErrorCode,
     ErrorMessage,
-    InferRequest,
     InferResult,
+    PendingRequest,
     ProtocolError,
-    decode_message,
     encode_message,
+    read_request,
 )
+
+__all__ = ["Caller", "InferenceService", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
-MSGPACK = "application/msgpack"
-CHUNK = 1 << 20  # large bodies are written 1 MiB at a time: asyncio copies big writes
-OFFLOAD_BYTES = 1 << 20  # encode/decode bigger messages off the event loop
+TRIM_EVERY_S = 2.0  # how often an idle worker checks whether a burst left memory to give back
+TRIM_AFTER_BYTES = 16 * 2**20  # held at least this much since the last trim: worth a malloc_trim
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request. ``client`` is the authenticated name ("" when anonymous);
+    ``peer`` the remote address; ``connection`` an id of the TCP connection."""
+
+    client: str = ""
+    peer: str = ""
+    connection: str = ""
+
+    @property
+    def principal(self) -> str:
+        """The scope of de-duplication: the credential, else the peer address."""
+        return f"client:{self.client}" if self.client else f"anon:{self.peer}"
+
+    @property
+    def fair_key(self) -> str:
+        """Whose share of the queue a request counts against: the credential, else the connection."""
+        return f"client:{self.client}" if self.client else f"conn:{self.connection}"
 
 
 class InferenceService:
@@ -50,273 +79,181 @@ class InferenceService:
             max_batch=config.max_batch,
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
+            client_share=config.client_share,
             threads=config.threads,
             on_batch=metrics.batch_size.observe,
         )
-        # request -> future of its answer: duplicates wait for, or reuse, the first one. The
-        # key holds more than the id so that two clients reusing an id never share answers.
-        self._answers: OrderedDict[tuple, asyncio.Future] = OrderedDict()
+        self.answers = AnswerCache(config.answer_cache_bytes, config.remember_answers)
+        self.budget = ByteBudget(config.max_queued_bytes)
         self.in_flight = 0
         self._profiles: dict[str, dict] = {}
+        self._profiling: dict[str, asyncio.Future] = {}  # single flight per model
 
     async def start(self) -> None:
         self.batcher.start()
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="trim")
 
     async def close(self) -> None:
+        self._trimmer.cancel()
         await self.batcher.close()
+
+    async def _trim_when_idle(self) -> None:
+        """After a burst, once nothing is held, give the freed heap back (RSS returns to baseline)."""
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            if self.budget.held == 0 and not self.batcher.queued and self.budget.peak >= TRIM_AFTER_BYTES:
+                self.budget.reset_peak()
+                await asyncio.to_thread(release_free_memory)
 
     @property
     def queue_depth(self) -> int:
         return self.batcher.queued
 
-    async def answer(self, req: InferRequest, arrived: float) -> InferResult | ErrorMessage:
-        """The answer to one decoded request; a retry with the same id is not recomputed."""
-        key = _dedup_key(req)
-        known = self._answers.get(key)
-        if known is not None:
-            self._answers.move_to_end(key)
-            return await asyncio.shield(known)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._answers[key] = fut
-        while len(self._answers) > self.config.remember_answers:
-            self._answers.popitem(last=False)
+    # ------------------------------------------------------------------ one request
+    async def handle_bytes(self, data: bytes | bytearray, arrived: float, caller: Caller = Caller()) -> tuple[bytes, int]:
+        """Parse, answer, encode: (response body, HTTP status). ``data`` is held until this returns."""
         self.in_flight += 1
         try:
-            msg = await self._compute(req, arrived)
-        except BaseException as exc:  # cancelled: let a retry compute it
-            self._answers.pop(key, None)
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved
-            raise
+            try:
+                if len(data) > self.config.offload_bytes:
+                    pending = await asyncio.to_thread(read_request, data, self.config.limits)
+                else:
+                    pending = read_request(data, self.config.limits)
+            except ProtocolError as exc:
+                self.metrics.requests.labels(str(exc.code)).inc()
+                err = exc.to_message()
+                return encode_message(err), err.http_status
+            answer = await self.answer(pending, arrived, caller)
+            if isinstance(answer, ErrorMessage):
+                return encode_message(answer), answer.http_status
+            if _outputs_bytes(answer) > self.config.offload_bytes:
+                return await asyncio.to_thread(encode_message, answer), 200
+            return encode_message(answer), 200
         finally:
             self.in_flight -= 1
+
+    async def answer(self, req: PendingRequest, arrived: float, caller: Caller = Caller()) -> InferResult | ErrorMessage:
+        """The answer to one parsed request; a retry (same caller, id and tensors) is not recomputed."""
+        try:
+            tail = self.registry.cached_tail(req.model_id, req.model_hash, req.cut_id)
+            if tail is None:
+                tail = await asyncio.to_thread(self.registry.tail, req.model_id, req.model_hash, req.cut_id)
+            batch = check_shapes(tail, {d.name: (d.dtype, d.shape) for d in req.declared})
+        except LookupFailed as exc:
+            return self._count(ErrorMessage(req.id, ErrorCode(exc.code), exc.message), arrived)
+        if batch > self.config.max_request_samples:
+            msg = f"{batch} samples in one request exceed the limit of {self.config.max_request_samples}"
+            return self._count(ErrorMessage(req.id, ErrorCode.TOO_LARGE, msg), arrived)
+        big = req.wire_bytes > self.config.offload_bytes
+        digest = await asyncio.to_thread(req.digest) if big else req.digest()
+        key = _dedup_key(caller, req, tail, digest)
+        known = self.answers.get(key)
+        if known is not None:
+            return await asyncio.shield(known)
+        fut = self.answers.start(key)
+        try:
+            msg = await self._compute(req, tail, batch, arrived, caller)
+        except BaseException as exc:  # cancelled: let a retry compute it
+            self.answers.fail(key, exc=exc)
+            raise
         if isinstance(msg, ErrorMessage):
-            self._answers.pop(key, None)  # errors are cheap to redo, and a retry may succeed
-        fut.set_result(msg)
+            self.answers.fail(key, answer=msg)  # errors are cheap to redo, and a retry may succeed
+        else:
+            self.answers.finish(key, msg, _outputs_bytes(msg))
+        return self._count(msg, arrived)
+
+    async def _compute(
+        self, req: PendingRequest, tail: Tail, batch: int, arrived: float, caller: Caller
+    ) -> InferResult | ErrorMessage:
+        def error(code: ErrorCode, message: str) -> ErrorMessage:
+            return ErrorMessage(req.id, code, message)
+
+        # Decoding allocates only where it cannot view the message (decompression, fp16/int8).
+        alloc = sum(d.nbytes for d in req.declared if d.compressed or d.compression.lossy != "none")
+        if alloc > self.budget.capacity:
+            return error(ErrorCode.TOO_LARGE, f"decoded tensors of {alloc} bytes exceed the worker's budget")
+        if not self.budget.try_take(alloc):
+            return error(ErrorCode.OVERLOADED, f"worker holds {self.budget.held} bytes of requests; retry later")
+        deadline = arrived + req.deadline_ms / 1e3 if req.deadline_ms is not None else None
+        try:
+            if req.compressed or req.wire_bytes > self.config.offload_bytes:
+                decoded = await asyncio.to_thread(req.decode)
+            else:
+                decoded = req.decode()
+            self.metrics.queue_depth.set(self.batcher.queued + batch)
+            done = await self.batcher.submit(tail, decoded.tensors, batch, deadline, caller.fair_key)
+        except ProtocolError as exc:
+            return error(exc.code, exc.message)
+        except Overloaded as exc:
+            return error(ErrorCode.OVERLOADED, str(exc))
+        except DeadlineExceeded as exc:
+            return error(ErrorCode.DEADLINE_EXCEEDED, str(exc))
+        except Exception:  # a failing tail answers `internal`, the worker keeps serving
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("request %s failed (error id %s)", req.id[:64], error_id)
+            return error(ErrorCode.INTERNAL, f"internal error {error_id}: the worker's log has the details")
+        finally:
+            self.budget.give(alloc)
+            self.metrics.queue_depth.set(self.batcher.queued)
+        return InferResult(req.id, done.outputs, done.queue_ms, done.compute_ms, done.batch_size)
+
+    def _count(self, msg: InferResult | ErrorMessage, arrived: float) -> InferResult | ErrorMessage:
         status = "ok" if isinstance(msg, InferResult) else str(msg.code)
         self.metrics.requests.labels(status).inc()
         self.metrics.latency.observe(time.monotonic() - arrived)
         return msg
 
-    async def _compute(self, req: InferRequest, arrived: float) -> InferResult | ErrorMessage:
-        def error(code: ErrorCode, message: str) -> ErrorMessage:
-            return ErrorMessage(req.id, code, message)
+    # ------------------------------------------------------------------ profiling
+    async def profile(self, model_id: str) -> dict:
+        """This worker's own profile of a model, measured once.
 
-        deadline = arrived + req.deadline_ms / 1e3 if req.deadline_ms is not None else None
-        try:
-            tail = await asyncio.to_thread(self.registry.tail, req.model_id, req.model_hash, req.cut_id)
-            batch = check_inputs(tail, req.tensors)
-            self.metrics.queue_depth.set(self.batcher.queued + batch)
-            done = await self.batcher.submit(tail, req.tensors, batch, deadline)
-        except LookupFailed as exc:
-            return error(ErrorCode(exc.code), exc.message)
-        except Overloaded as exc:
-            return error(ErrorCode.OVERLOADED, str(exc))
-        except DeadlineExceeded as exc:
-            return error(ErrorCode.DEADLINE_EXCEEDED, str(exc))
-        except Exception as exc:  # a failing tail answers `internal`, the worker keeps serving
-            log.exception("request %s failed", req.id)
-            return error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        finally:
-            self.metrics.queue_depth.set(self.batcher.queued)
-        return InferResult(req.id, done.outputs, done.queue_ms, done.compute_ms, done.batch_size)
+        Single flight: concurrent calls for a model share one measurement. It runs on the
+        tail thread (:meth:`Batcher.exclusive`), on a private copy of the model, so its graph
+        capture never overlaps a tail (concurrent captures, or a capture beside a running
+        tail, left torch's tracing state broken) and its timings are an idle worker's.
+        Serving pauses while it runs (seconds); it needs the ``admin`` scope when tokens are on."""
+        if model_id in self._profiles:
+            return self._profiles[model_id]
+        running = self._profiling.get(model_id)
+        if running is None:
+            hosted = self.registry.model(model_id, "")  # LookupFailed for an unknown model
+            running = asyncio.ensure_future(self._measure(hosted))
+            self._profiling[model_id] = running
+            running.add_done_callback(lambda _f: self._profiling.pop(model_id, None))
+        return await asyncio.shield(running)
 
-    async def handle_bytes(self, data: bytes | bytearray, arrived: float) -> tuple[bytes, int]:
-        """Decode, answer, encode: (response body, HTTP status)."""
-        try:
-            if len(data) > OFFLOAD_BYTES:
-                msg = await asyncio.to_thread(decode_message, data, self.config.limits)
-            else:
-                msg = decode_message(data, self.config.limits)
-        except ProtocolError as exc:
-            self.metrics.requests.labels(str(exc.code)).inc()
-            err = exc.to_message()
-            return encode_message(err), err.http_status
-        if not isinstance(msg, InferRequest):
-            err = ErrorMessage(getattr(msg, "id", None), ErrorCode.BAD_MESSAGE, "expected an infer_request")
-            return encode_message(err), err.http_status
-        answer = await self.answer(msg, arrived)
-        if isinstance(answer, ErrorMessage):
-            return encode_message(answer), answer.http_status
-        body = await asyncio.to_thread(encode_message, answer) if _outputs_bytes(answer) > OFFLOAD_BYTES else encode_message(answer)
-        return body, 200
-
-    def profile(self, model_id: str) -> dict:
-        """This worker's own profile of a model (measured once, in a worker thread)."""
+    async def _measure(self, hosted) -> dict:  # type: ignore[no-untyped-def]
         from splitinfer.core.profiler import profile_model
 
-        if model_id not in self._profiles:
-            hosted = self.registry.model(model_id, "")
+        def run() -> dict:
+            module = copy.deepcopy(hosted.loaded.module)
             prof = profile_model(
-                hosted.model_id,
-                hosted.loaded.module,
-                hosted.loaded.example_input,
-                threads=self.config.threads,
-                weights_hash=hosted.hash,
+                hosted.model_id, module, hosted.loaded.example_input, threads=self.config.threads, weights_hash=hosted.hash
             )
-            self._profiles[model_id] = prof.to_json()
-        return self._profiles[model_id]
+            return prof.to_json()
+
+        result = await self.batcher.exclusive(run)
+        self._profiles[hosted.model_id] = result
+        return result
 
 
-def _dedup_key(req: InferRequest) -> tuple:
-    """What makes a retry the same request: id, model, weights, cut and tensor shapes."""
-    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in req.tensors.items()))
-    return (req.id, req.model_id, req.model_hash, req.cut_id, shapes)
+def _dedup_key(caller: Caller, req: PendingRequest, tail: Tail, digest: bytes) -> tuple:
+    """What makes a retry the same request, so that no client can receive another's answer.
+
+    The key is (principal, request id, model id, weights hash, canonical cut, digest of the
+    tensors as sent). The principal is the authenticated client's name, else the peer's
+    address. The digest is what rules out crossed answers: an answer is only ever reused for
+    a request that carries the very same tensors (BLAKE2b over every entry's header and
+    payload), so a guessed or published id with other tensors computes its own answer, and
+    even a copy of someone's exact request gets only what those tensors give anyway. The
+    principal keeps one caller's retries from revealing another's traffic (a cache hit
+    would tell that the victim sent those tensors). Retries stay safe and cheap: an edge
+    that retries through a new connection (or by HTTP after a dropped WebSocket) sends the
+    same id and the same encoded tensors under the same credential, so it hits the entry;
+    one that re-encodes differently (another compression) is simply computed again.
+    """
+    return (caller.principal, req.id, req.model_id, req.model_hash, tail.cut_id, digest)
 
 
 def _outputs_bytes(result: InferResult) -> int:
     return sum(t.numel() * t.element_size() for t in result.outputs.values() if isinstance(t, torch.Tensor))
-
-
-# ------------------------------------------------------------------------------ handlers
-SERVICE = web.AppKey("service", InferenceService)
-SOCKETS = web.AppKey("sockets", set)
-
-
-def _error_response(code: ErrorCode, message: str, request_id: str | None = None) -> web.Response:
-    err = ErrorMessage(request_id, code, message)
-    return web.Response(body=encode_message(err), status=err.http_status, content_type=MSGPACK)
-
-
-async def _write_chunked(request: web.Request, body: bytes, status: int) -> web.StreamResponse:
-    resp = web.StreamResponse(status=status, headers={"Content-Type": MSGPACK})
-    resp.content_length = len(body)
-    await resp.prepare(request)
-    view = memoryview(body)
-    for start in range(0, len(view), CHUNK):
-        await resp.write(view[start : start + CHUNK])
-    await resp.write_eof()
-    return resp
-
-
-async def infer(request: web.Request) -> web.StreamResponse:
-    service = request.app[SERVICE]
-    arrived = time.monotonic()
-    limit = service.config.limits.max_message_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return _error_response(ErrorCode.TOO_LARGE, f"body of {request.content_length} bytes exceeds {limit}")
-    try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _error_response(ErrorCode.TOO_LARGE, f"body exceeds {limit} bytes")
-    body, status = await service.handle_bytes(data, arrived)
-    if len(body) > CHUNK:
-        return await _write_chunked(request, body, status)
-    return web.Response(body=body, status=status, content_type=MSGPACK)
-
-
-async def stream(request: web.Request) -> web.WebSocketResponse:
-    service = request.app[SERVICE]
-    ws = web.WebSocketResponse(max_msg_size=service.config.limits.max_message_bytes, heartbeat=20.0)
-    await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
-    send_lock = asyncio.Lock()
-    tasks: set[asyncio.Task] = set()
-
-    async def reply(data: bytes, arrived: float) -> None:
-        body, _ = await service.handle_bytes(data, arrived)
-        async with send_lock:
-            if not ws.closed:
-                try:
-                    await ws.send_bytes(body)
-                except (ConnectionError, RuntimeError):
-                    log.info("client went away before its answer")
-
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                task = asyncio.create_task(reply(msg.data, time.monotonic()))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif msg.type == WSMsgType.TEXT:
-                err = ErrorMessage(None, ErrorCode.BAD_MESSAGE, "send binary msgpack frames, not text")
-                async with send_lock:
-                    await ws.send_bytes(encode_message(err))
-            elif msg.type == WSMsgType.ERROR:
-                log.info("websocket closed with error: %s", ws.exception())
-        # the client closed its side: finish what it sent (answers are dropped if it is gone)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        request.app[SOCKETS].discard(ws)
-    return ws
-
-
-async def models(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.json_response(
-        {
-            "protocol_version": PROTOCOL_VERSION,
-            "worker_id": service.config.worker_id,
-            "models": [m.describe() for m in service.registry.models.values()],
-        }
-    )
-
-
-async def profile(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    model_id = request.query.get("model", "")
-    try:
-        prof = await asyncio.to_thread(service.profile, model_id)
-    except LookupFailed as exc:
-        return web.json_response({"code": exc.code, "message": exc.message}, status=404)
-    return web.json_response(prof)
-
-
-async def probe(request: web.Request) -> web.Response:
-    """Read and discard the body, timing its arrival here: ``upload_ms`` is from the end of
-    the first chunk to the end of the last, ``timed_bytes`` what came in between. That is
-    the uplink's rate as the cloud sees it, free of the edge's own scheduling (a slow edge
-    busy with a head answers its probe's response late, and would time the link too slow)."""
-    total = timed = 0
-    first_s = last_s = 0.0
-    async for chunk in request.content.iter_any():
-        now = time.perf_counter()
-        if total:
-            timed += len(chunk)
-            last_s = now
-        else:
-            first_s = last_s = now
-        total += len(chunk)
-    return web.json_response({"bytes": total, "upload_ms": round((last_s - first_s) * 1e3, 4), "timed_bytes": timed})
-
-
-async def healthz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.json_response(
-        {
-            "status": "ok",
-            "worker_id": service.config.worker_id,
-            "models": sorted(service.registry.models),
-            "queue_depth": service.queue_depth,
-        }
-    )
-
-
-async def metrics(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    service.metrics.queue_depth.set(service.queue_depth)
-    return web.Response(body=service.metrics.render(), headers={"Content-Type": service.metrics.content_type})
-
-
-async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-
-
-def build_app(service: InferenceService) -> web.Application:
-    # Explicit limit: aiohttp's default body limit (1 MiB) is far too small for activations.
-    tokens = Tokens.from_config(service.config.token, service.config.token_file)
-    app = web.Application(client_max_size=service.config.limits.max_message_bytes, middlewares=[auth_middleware(tokens)])
-    app[SERVICE] = service
-    app[SOCKETS] = set()
-    app.router.add_post("/v1/infer", infer)
-    app.router.add_get("/v1/stream", stream)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/profile", profile)
-    app.router.add_post("/v1/probe", probe)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.on_shutdown.append(_close_sockets)
-    return app
-

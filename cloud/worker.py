@@ -12,7 +12,9 @@ from aiohttp import web
 
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import ModelRegistry
-from splitinfer.cloud.service import InferenceService, WorkerConfig, build_app
+from splitinfer.cloud.handlers import build_app
+from splitinfer.cloud.service import InferenceService, WorkerConfig
+from splitinfer.cloud.tls import site_context, tls_txt
 from splitinfer.discovery.mdns import CLOUD_SERVICE, Advertiser, fit_txt
 from splitinfer.wire.protocol import PROTOCOL_VERSION
 
@@ -37,12 +39,17 @@ class CloudWorker:
         registry = await asyncio.to_thread(ModelRegistry, list(self.config.models))
         self.service = InferenceService(self.config, registry, WorkerMetrics())
         await self.service.start()
-        self._runner = web.AppRunner(build_app(self.service), handle_signals=False, access_log=None)
+        # keepalive_timeout closes idle keep-alive connections, and connections that have not
+        # finished sending their request headers, after idle_timeout_s (aiohttp's default: 3,630 s)
+        self._runner = web.AppRunner(
+            build_app(self.service), handle_signals=False, access_log=None, keepalive_timeout=self.config.idle_timeout_s
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        ssl_context = site_context(self.config)  # None: plain HTTP (see cloud/tls.py)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=ssl_context)
         await site.start()
         host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
         if self.config.advertise:
             await self._advertise(port)
         return self.url
@@ -55,8 +62,9 @@ class CloudWorker:
                 "v": str(PROTOCOL_VERSION),
                 "id": self.config.worker_id,
                 "models": models,
-                "auth": "1" if self.config.token else "0",
+                "auth": "1" if self.config.token or self.config.token_file else "0",
                 "load": str(self.service.queue_depth),
+                **tls_txt(self.config),  # scheme=https, pin=<sha256 of the certificate>
             }
         )
 

@@ -440,6 +440,11 @@ def bench_cloud_cmd(
     console.print(f"throughput with / without batching at {max(levels)} clients: {result['speedup_at_max_concurrency']}x")
 
 
+from splitinfer.bench.soak_cli import soak_cmd  # noqa: E402 (lives with its benchmark)
+
+bench_app.command("soak")(soak_cmd)
+
+
 def _register_service_commands() -> None:
     """Commands whose code lives with their service (cloud/, edge/)."""
     from splitinfer.cloud.cli import cloud_cmd

@@ -23,6 +23,7 @@ from splitinfer.core.graph import capture
 from splitinfer.models.loader import load_model, weights_hash
 from splitinfer.wire.protocol import InferRequest, InferResult, decode_message, encode_message
 from splitinfer.core.split import split_model
+from splitinfer.util.stats import percentile
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,6 @@ class BenchSettings:
     max_batch: int = 32  # batch limit when batching is on (off: 1)
     max_wait_ms: float = 5.0
     threads: int | None = None  # torch threads of the worker
-
-
-def _percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 async def _client(
@@ -73,8 +69,8 @@ async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings
         "concurrency": clients,
         "requests": len(samples),
         "throughput_rps": round(len(samples) / elapsed, 2),
-        "p50_ms": round(_percentile(lat, 0.5), 2),
-        "p95_ms": round(_percentile(lat, 0.95), 2),
+        "p50_ms": round(percentile(lat, 0.5), 2),
+        "p95_ms": round(percentile(lat, 0.95), 2),
         "mean_batch": round(statistics.fmean(s[1] for s in samples), 2),
     }
 
@@ -112,7 +108,17 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
         "max_wait_ms": settings.max_wait_ms,
         "results": results,
         "speedup_at_max_concurrency": _speedup(results, max(settings.concurrency)),
+        # a lone client: batching must cost nothing (p50 with batching on / off; <= ~1)
+        "lone_client_p50_ratio": _lone_ratio(results),
     }
+
+
+def _lone_ratio(results: list[dict[str, Any]]) -> float | None:
+    on = next((r for r in results if r["batching"] and r["concurrency"] == 1), None)
+    off = next((r for r in results if not r["batching"] and r["concurrency"] == 1), None)
+    if not on or not off or not off["p50_ms"]:
+        return None
+    return round(on["p50_ms"] / off["p50_ms"], 3)
 
 
 def _speedup(results: list[dict[str, Any]], clients: int) -> float | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,7 +22,11 @@ from splitinfer.wire.codec import (
     CodecError,
     CodecLimits,
     Compression,
+    TensorDecl,
+    declare_tensors,
+    decode_declared,
     decode_tensors,
+    digest_entries,
     encode_tensors,
     pack,
     parse_compression,
@@ -38,9 +42,11 @@ __all__ = [
     "InferRequest",
     "InferResult",
     "Message",
+    "PendingRequest",
     "ProtocolError",
     "decode_message",
     "encode_message",
+    "read_request",
 ]
 
 PROTOCOL_VERSION = 1
@@ -136,7 +142,54 @@ class InferRequest:
 
     @classmethod
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> InferRequest:
-        _check_header(d, cls.TYPE)
+        return PendingRequest.from_dict(d, limits).decode()
+
+
+@dataclass(frozen=True, eq=False)
+class PendingRequest:
+    """An infer_request whose fields are checked and whose tensors are declared, not decoded.
+
+    A worker compares ``declared`` (names, dtypes, shapes, sizes) with what the cut expects
+    before calling :meth:`decode`, so no payload is decompressed for a request it would
+    refuse, and :meth:`digest` fingerprints the tensors as sent, without decoding them."""
+
+    id: str
+    model_id: str
+    model_hash: str
+    cut_id: str
+    deadline_ms: float | None
+    compression: str
+    declared: tuple[TensorDecl, ...]
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory the decoded tensors will take."""
+        return sum(t.nbytes for t in self.declared)
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(t.wire_bytes for t in self.declared)
+
+    @property
+    def compressed(self) -> bool:
+        return any(t.compressed for t in self.declared)
+
+    def digest(self) -> bytes:
+        """A fingerprint of the tensors as sent (see :func:`splitinfer.wire.codec.digest_entries`)."""
+        return digest_entries(self.declared)
+
+    def decode(self) -> InferRequest:
+        """Decompress and build the tensors; raises ProtocolError (with this request's id)."""
+        try:
+            tensors = decode_declared(self.declared)
+        except CodecError as exc:
+            raise ProtocolError(ErrorCode(exc.code), exc.message, self.id) from None
+        return InferRequest(self.id, self.model_id, self.model_hash, self.cut_id, tensors, self.deadline_ms,
+                            self.compression)  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> PendingRequest:
+        _check_header(d, InferRequest.TYPE)
         compression = _text(d, "compression")
         try:
             parse_compression(compression)
@@ -145,15 +198,14 @@ class InferRequest:
         deadline = d.get("deadline_ms")
         if deadline is not None:
             deadline = _number(d, "deadline_ms")
-        return cls(
-            id=_text(d, "id"),
-            model_id=_text(d, "model_id"),
-            model_hash=_text(d, "model_hash"),
-            cut_id=_text(d, "cut_id"),
-            deadline_ms=deadline,
-            compression=compression,
-            tensors=_tensors(d, "tensors", limits),
-        )
+        ids = (_text(d, "id"), _text(d, "model_id"), _text(d, "model_hash"), _text(d, "cut_id"))
+        if "tensors" not in d:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no 'tensors'")
+        try:
+            declared = declare_tensors(d["tensors"], limits)
+        except CodecError as exc:
+            raise ProtocolError(ErrorCode(exc.code), exc.message) from None
+        return cls(*ids, deadline_ms=deadline, compression=compression, declared=declared)
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,6 +300,18 @@ def decode_message(data: bytes | bytearray | memoryview, limits: CodecLimits = D
 
     Uncompressed tensors are views of ``data`` (see :func:`splitinfer.wire.codec.decode_tensors`).
     """
+    return _parse(data, limits, _TYPES)
+
+
+def read_request(data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS) -> PendingRequest:
+    """Parse an infer_request up to its tensor headers (no payload decoded); raises only ProtocolError.
+
+    Any other message type is refused as ``bad_message``. Call :meth:`PendingRequest.decode`
+    once the declared tensors are acceptable."""
+    return _parse(data, limits, {InferRequest.TYPE: PendingRequest}, "expected an infer_request")
+
+
+def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dict, expected: str = "") -> Any:
     try:
         d = unpack(data, limits)
     except CodecError as exc:
@@ -263,7 +327,9 @@ def decode_message(data: bytes | bytearray | memoryview, limits: CodecLimits = D
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(_TYPES)}"
             )
-        return _TYPES[kind].from_dict(d, limits)
+        if kind not in types:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, expected)
+        return types[kind].from_dict(d, limits)
     except ProtocolError as exc:
         exc.request_id = request_id
         raise

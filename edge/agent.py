@@ -42,12 +42,18 @@ from splitinfer.edge.head import EDGE_OUTPUT, HeadRunner, outputs_dict
 from splitinfer.edge.hooks import NO_HOOKS, AgentHooks
 from splitinfer.edge.pool import CloudPool
 from splitinfer.edge.status import StatusPublisher
-from splitinfer.errors import UserError
+from splitinfer.errors import EdgeReason, UserError
 from splitinfer.models.loader import LoadedModel, load_model
 
 __all__ = ["AgentConfig", "AgentHooks", "Answer", "EdgeAgent", "request_input", "summarize"]
 
 log = logging.getLogger(__name__)
+
+# What an error record says when the cloud is skipped and no fallback can answer instead.
+NO_FALLBACK_MESSAGES = {
+    EdgeReason.CLOUD_UNAVAILABLE.value: "no cloud worker is reachable and there is no fallback model",
+    EdgeReason.PREDICTED_OVER_DEADLINE.value: "the predicted latency is over the deadline and there is no fallback model",
+}
 
 
 class EdgeAgent:
@@ -281,10 +287,10 @@ class EdgeAgent:
             if cfg.confidence_exit is not None and top1_confidence(fb_out) >= cfg.confidence_exit:
                 return await self._finish(
                     Answer(id=rid, cut=EDGE_ONLY, source="edge", outputs=fb_out, head_ms=fb_ms,
-                           total_ms=elapsed_ms(), reason="confident"), x, reference)  # fmt: skip
+                           total_ms=elapsed_ms(), reason=EdgeReason.CONFIDENT.value), x, reference)  # fmt: skip
             if cfg.progressive:
                 early = Answer(id=rid, cut=cut_id, source="fallback", outputs=fb_out, head_ms=fb_ms,
-                               total_ms=elapsed_ms(), reason="progressive")  # fmt: skip
+                               total_ms=elapsed_ms(), reason=EdgeReason.PROGRESSIVE.value)  # fmt: skip
                 if on_provisional is not None:
                     on_provisional(early)
 
@@ -332,14 +338,14 @@ class EdgeAgent:
     def _cloud_refusal(self, plan: CutPlan | None) -> str | None:
         """Why this request should not even try the cloud (None: try it)."""
         if self.pool is None or self.pool.best() is None:
-            return "cloud_unavailable"
+            return EdgeReason.CLOUD_UNAVAILABLE.value
         deadline = self.config.deadline_ms
         predicted = self.cut_info.get("predicted_ms") if self.cut_info else None
         if plan is not None and self.policy is not None:
             link = self.policy.estimated_link(time.monotonic())
             predicted = self.policy.table.predicted_ms(plan, link) if link is not None else None
         if deadline is not None and predicted is not None and predicted > deadline:
-            return "predicted_over_deadline"
+            return EdgeReason.PREDICTED_OVER_DEADLINE.value
         return None
 
     def _feedback(self, plan: CutPlan | None, sent: int, network_ms: float, queue_ms: float, returned: int) -> None:
@@ -365,9 +371,7 @@ class EdgeAgent:
         times = dict(times or {})
         if self.fallback is None:
             self.counters["errors"] += 1
-            message = {"cloud_unavailable": "no cloud worker is reachable and there is no fallback model",
-                       "predicted_over_deadline": "the predicted latency is over the deadline and there is no fallback model",
-                       }.get(reason, reason)  # fmt: skip
+            message = NO_FALLBACK_MESSAGES.get(reason, reason)
             return Answer(id=rid, cut=cut_id, source="cloud", outputs={}, bytes_sent=bytes_sent,
                           total_ms=(time.perf_counter() - started) * 1e3,
                           error={"code": reason, "message": message}, **times)  # fmt: skip

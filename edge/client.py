@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType
 
+from splitinfer.errors import EdgeReason
 from splitinfer.wire.codec import DEFAULT_LIMITS, CodecLimits
 from splitinfer.core.profile import Profile
 from splitinfer.wire.protocol import (
@@ -65,7 +66,7 @@ class CloudUnavailable(Exception):
     @property
     def code(self) -> str:
         """What goes into a record's ``error.code``."""
-        return "timeout" if self.timeout else "unavailable"
+        return (EdgeReason.TIMEOUT if self.timeout else EdgeReason.UNAVAILABLE).value
 
 
 def normalize_url(url: str) -> str:

@@ -13,7 +13,7 @@ from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, en
 from splitinfer.edge.hooks import AgentHooks
 from splitinfer.edge.pool import CloudPool
 from splitinfer.edge.tls import ClientTLS, static_client
-from splitinfer.errors import UserError
+from splitinfer.errors import WORKER_FAILURES, EdgeReason, UserError
 from splitinfer.wire.protocol import InferRequest
 
 __all__ = ["CloudReply", "RETRY_MIN_MS", "ask_cloud", "check_cloud_model"]
@@ -81,7 +81,7 @@ async def ask_cloud(pool: CloudPool, req: CloudRequest, hooks: AgentHooks, times
     cloud_queue_ms, cloud_compute_ms, or waited_ms when the wait timed out."""
     frame: bytes | None = None
     deadline_ms: float | None = None
-    error: dict[str, str] = {"code": "cloud_unavailable", "message": "no cloud worker is reachable"}
+    error: dict[str, str] = {"code": EdgeReason.CLOUD_UNAVAILABLE.value, "message": "no cloud worker is reachable"}
     for attempt in range(2):
         spent = (time.perf_counter() - req.started) * 1e3
         timeout_s = req.timeout_s
@@ -90,7 +90,7 @@ async def ask_cloud(pool: CloudPool, req: CloudRequest, hooks: AgentHooks, times
             deadline_ms = req.deadline_ms - spent - req.reserve_ms
             if deadline_ms <= (0 if attempt == 0 else RETRY_MIN_MS):
                 if attempt == 0:
-                    error = {"code": "deadline", "message": "no time left for the cloud after the head"}
+                    error = {"code": EdgeReason.DEADLINE.value, "message": "no time left for the cloud after the head"}
                 break
             grace = 0.0 if req.has_fallback else req.deadline_grace_ms
             timeout_s = (deadline_ms + grace) / 1e3
@@ -112,11 +112,11 @@ async def ask_cloud(pool: CloudPool, req: CloudRequest, hooks: AgentHooks, times
             result, worker = await pool.infer(req.id, frame, timeout_s)
         except CloudError as exc:
             error = {"code": exc.code, "message": exc.message}
-            if exc.code not in ("overloaded", "internal"):
+            if exc.code not in WORKER_FAILURES:
                 break  # the request itself is bad: retrying will not help
             continue
         except CloudUnavailable as exc:
-            code = "deadline" if exc.timeout and req.deadline_ms is not None else exc.code
+            code = EdgeReason.DEADLINE.value if exc.timeout and req.deadline_ms is not None else exc.code
             error = {"code": code, "message": exc.message}
             if exc.timeout:
                 times["waited_ms"] = (time.perf_counter() - t1) * 1e3

@@ -17,6 +17,7 @@ from typing import Callable
 
 from splitinfer.discovery.mdns import CLOUD_SERVICE, Browser, Peer
 from splitinfer.edge.breaker import CircuitBreaker
+from splitinfer.errors import WORKER_FAILURES
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable, normalize_url
 from splitinfer.edge.tls import ClientTLS, Trust, client_for, decide
 from splitinfer.wire.protocol import InferResult
@@ -28,7 +29,6 @@ CHECK_TIMEOUT_S = 1.0  # a health check slower than this fails (catches stalled 
 TICK_S = 0.05  # how often the monitor looks for due probes
 LOAD_COST_MS = 5.0  # a queued sample on a worker weighs like this much extra RTT
 # Failures that say "this worker cannot serve now", as opposed to "this request is bad".
-WORKER_FAILURES = {"overloaded", "internal"}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from splitinfer.adapt.policy import POLICY_NAMES
 from splitinfer.errors import UserError
 from splitinfer.util.output import emit_json
 
@@ -64,7 +65,7 @@ def simulate_cmd(
     rate: Optional[float] = typer.Option(None, "--rate", help="requests per second, evenly spaced (default 2)"),
     poisson: Optional[float] = typer.Option(None, "--poisson", help="requests per second, Poisson arrivals"),
     requests: int = typer.Option(1000, "--requests", "-n", help="how many requests"),
-    policy: str = typer.Option(",".join(("edge-only", "cloud-only", "static", "adaptive", "oracle")), "--policy",
+    policy: str = typer.Option(",".join(POLICY_NAMES), "--policy",
                                help="comma-separated: edge-only, cloud-only, static, adaptive, oracle"),
     edge_slowdown: float = typer.Option(1.0, "--edge-slowdown", help="the edge profile scaled K times slower"),
     deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="count requests slower than this"),

@@ -273,7 +273,7 @@ async def profile(request: web.Request) -> web.Response:
     try:
         prof = await service.profile(model_id)
     except LookupFailed as exc:
-        return web.json_response({"code": exc.code, "message": exc.message}, status=404)
+        return web.json_response({"code": str(exc.code), "message": exc.message}, status=404)
     return web.json_response(prof)
 
 

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from splitinfer.core.graph import Graph, capture
 from splitinfer.models.loader import LoadedModel, load_model, weights_hash
+from splitinfer.errors import ErrorCode
 from splitinfer.core.split import SplitModel, split_model
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class LookupFailed(Exception):
     """A request names a model or cut this worker cannot serve; `code` is the wire error code."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -91,10 +92,10 @@ class ModelRegistry:
     def model(self, model_id: str, model_hash: str) -> HostedModel:
         hosted = self.models.get(model_id)
         if hosted is None:
-            raise LookupFailed("unknown_model", f"unknown model {model_id!r}; this worker serves {sorted(self.models)}")
+            raise LookupFailed(ErrorCode.UNKNOWN_MODEL, f"unknown model {model_id!r}; this worker serves {sorted(self.models)}")
         if model_hash and model_hash != hosted.hash:
             raise LookupFailed(
-                "model_mismatch",
+                ErrorCode.MODEL_MISMATCH,
                 f"weights of {model_id!r} differ: edge has {model_hash[:12]}, cloud has {hosted.hash[:12]}",
             )
         return hosted
@@ -139,13 +140,13 @@ class ModelRegistry:
         try:
             head = g.head_from_cut_id(cut_id)
         except Exception as exc:  # UserError for unknown tensors or a bad index
-            raise LookupFailed("unknown_cut", f"unknown cut {cut_id[:64]!r} of {hosted.model_id}: {exc}") from None
+            raise LookupFailed(ErrorCode.UNKNOWN_CUT, f"unknown cut {cut_id[:64]!r} of {hosted.model_id}: {exc}") from None
         if not g.crossing(head):
-            raise LookupFailed("unknown_cut", f"cut {cut_id[:64]!r} is edge-only: there is no tail to run")
+            raise LookupFailed(ErrorCode.UNKNOWN_CUT, f"cut {cut_id[:64]!r} is edge-only: there is no tail to run")
         canonical = g.cut_id(head)
         if canonical != cut_id and not cut_id.isdigit():
             # e.g. tensors listed in another order: one canonical name per cut
-            raise LookupFailed("unknown_cut", f"cut {cut_id[:64]!r} is not canonical; use {canonical!r}")
+            raise LookupFailed(ErrorCode.UNKNOWN_CUT, f"cut {cut_id[:64]!r} is not canonical; use {canonical!r}")
         return head, canonical
 
 
@@ -161,22 +162,22 @@ def check_shapes(tail: Tail, declared: dict[str, tuple[str, tuple[int, ...]]]) -
     expected = {s.name for s in tail.inputs}
     if set(declared) != expected:
         raise LookupFailed(
-            "bad_tensor", f"cut {tail.cut_id!r} expects tensors {sorted(expected)}, got {sorted(declared)[:16]}"
+            ErrorCode.BAD_TENSOR, f"cut {tail.cut_id!r} expects tensors {sorted(expected)}, got {sorted(declared)[:16]}"
         )
     batch = None
     for spec in tail.inputs:
         got_dtype, shape = declared[spec.name]
         if got_dtype != spec.dtype:
-            raise LookupFailed("bad_tensor", f"tensor {spec.name!r} should be {spec.dtype}, got {got_dtype}")
+            raise LookupFailed(ErrorCode.BAD_TENSOR, f"tensor {spec.name!r} should be {spec.dtype}, got {got_dtype}")
         if len(shape) != len(spec.shape) + 1 or tuple(shape[1:]) != spec.shape:
             raise LookupFailed(
-                "bad_tensor",
+                ErrorCode.BAD_TENSOR,
                 f"tensor {spec.name!r} should have shape [B, {', '.join(map(str, spec.shape))}], got {list(shape)}",
             )
         if batch is None:
             batch = int(shape[0])
         elif shape[0] != batch:
-            raise LookupFailed("bad_tensor", "tensors of one request disagree on the batch size")
+            raise LookupFailed(ErrorCode.BAD_TENSOR, "tensors of one request disagree on the batch size")
     if not batch:
-        raise LookupFailed("bad_tensor", "batch size must be at least 1")
+        raise LookupFailed(ErrorCode.BAD_TENSOR, "batch size must be at least 1")
     return batch

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, ClassVar
 
 import torch
 
+from splitinfer.errors import HTTP_STATUS, ErrorCode
 from splitinfer.wire.codec import (
     DEFAULT_LIMITS,
     CodecError,
@@ -55,44 +55,8 @@ _MAX_ID_LEN = 256  # ids, model ids, hashes and cut ids are short strings
 _MAX_TEXT_LEN = 4096  # error messages
 
 
-class ErrorCode(str, Enum):
-    """Why a request failed. The value is what goes on the wire."""
-
-    BAD_MESSAGE = "bad_message"
-    TOO_LARGE = "too_large"
-    UNSUPPORTED_VERSION = "unsupported_version"
-    UNKNOWN_MODEL = "unknown_model"
-    MODEL_MISMATCH = "model_mismatch"
-    UNKNOWN_CUT = "unknown_cut"
-    BAD_TENSOR = "bad_tensor"
-    OVERLOADED = "overloaded"
-    DEADLINE_EXCEEDED = "deadline_exceeded"
-    UNAUTHORIZED = "unauthorized"
-    INTERNAL = "internal"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self]
-
-
-HTTP_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.BAD_MESSAGE: 400,
-    ErrorCode.TOO_LARGE: 413,
-    # 400, not 426: 426 Upgrade Required is about switching HTTP protocols and needs an
-    # Upgrade header; the message text says which versions this peer speaks.
-    ErrorCode.UNSUPPORTED_VERSION: 400,
-    ErrorCode.UNKNOWN_MODEL: 404,
-    ErrorCode.MODEL_MISMATCH: 409,  # the model id is known but its weights hash differs
-    ErrorCode.UNKNOWN_CUT: 404,
-    ErrorCode.BAD_TENSOR: 422,  # well-formed message, tensors unusable (shape, dtype, payload)
-    ErrorCode.OVERLOADED: 503,  # retry later or elsewhere
-    ErrorCode.DEADLINE_EXCEEDED: 504,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.INTERNAL: 500,
-}
+# ErrorCode and HTTP_STATUS live in splitinfer.errors (one vocabulary); re-exported here
+# because they are part of the protocol's surface.
 
 
 class ProtocolError(ValueError):

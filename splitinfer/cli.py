@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splitinfer.errors import UserError
+from splitinfer.util.output import emit_json
 
 app = typer.Typer(
     add_completion=False,
@@ -24,19 +25,11 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Split inference: cut a PyTorch model between an edge device and a cloud worker.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
-app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
 
 ModelOpt = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function")
-
-
-def emit_json(obj: Any) -> None:
-    """One JSON object on stdout, nothing else."""
-    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
-    sys.stdout.flush()
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -315,144 +308,15 @@ def ls_cmd(
     console.print(table)
 
 
-# ---------------------------------------------------------------------------- bench
-@bench_app.command("codec")
-def bench_codec_cmd(
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
-    sizes: str = typer.Option("1,10,100", "--sizes", help="tensor sizes in MB"),
-) -> None:
-    """Encode+decode throughput of this codec vs pickle protocol 5 and torch.save."""
-    from splitinfer.bench.codec import run_codec_bench
-
-    try:
-        size_list = tuple(int(s) for s in sizes.split(","))
-    except ValueError:
-        raise UserError(f"--sizes must be comma-separated integers, got {sizes!r}") from None
-    result = run_codec_bench(sizes_mb=size_list)
-    if json_out:
-        emit_json(result)
-        return
-    table = Table(title="codec throughput (GB/s)")
-    for col in ("codec", "MB", "encode", "decode"):
-        table.add_column(col)
-    for r in result["results"]:
-        table.add_row(r["codec"], str(r["mb"]), f"{r['encode_gbps']:.2f}", f"{r['decode_gbps']:.2f}")
-    console.print(table)
-
-
-@bench_app.command("compression")
-def bench_compression_cmd(
-    model: str = typer.Option("tinycnn-digits", "--model", "-m", help="model (digits-trained ones are scored on held-out digits)"),
-    cuts: int = typer.Option(4, "--cuts", help="cuts to measure, spread along the model"),
-    samples: int = typer.Option(128, "--samples", help="inputs per measurement"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
-) -> None:
-    """Bytes saved, codec time and top-1 agreement of fp16/int8 (+lz4/zstd) activations."""
-    from splitinfer.bench.compression import run_compression_bench
-    from splitinfer.models.loader import load_model
-
-    _positive("--cuts", cuts)
-    _positive("--samples", samples)
-    lm = load_model(model)
-    labels = None
-    if lm.name.endswith("digits"):
-        from splitinfer.models.data import digits_dataset
-
-        data = digits_dataset(lm.input_shape)
-        inputs, labels = data.x_test[:samples], data.y_test[:samples]
-    else:
-        inputs = lm.example_batch(samples)
-    result = run_compression_bench(lm, inputs, cuts=cuts, labels=labels)
-    if json_out:
-        emit_json(result)
-        return
-    table = Table(title=f"{result['model']}: activation compression on {result['samples']} inputs")
-    for col in ("cut", "compression", "wire bytes", "ratio", "enc ms", "dec ms", "top-1 agree", "accuracy"):
-        table.add_column(col, justify="left" if col in ("cut", "compression") else "right")
-    for r in result["results"]:
-        table.add_row(f"{r['index']} {r['cut'][:24]}", r["compression"], f"{r['wire_bytes']:,}", f"{r['ratio']:.3f}",
-                      f"{r['encode_ms']:.2f}", f"{r['decode_ms']:.2f}", f"{r['top1_agreement']:.3f}",
-                      f"{r['accuracy']:.3f}" if "accuracy" in r else "-")
-    console.print(table)
-
-
-@bench_app.command("confidence")
-def bench_confidence_cmd(
-    levels: str = typer.Option("none,0.5,0.9,0.99,0.999", "--p", help="confidence-exit thresholds (none: always the cloud)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="held-out digits to use (default: all 359)"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
-) -> None:
-    """Accuracy, latency and cloud traffic of --confidence-exit P on held-out digits."""
-    from splitinfer.bench.confidence import run_confidence_bench
-
-    try:
-        parsed = tuple(None if v.strip() == "none" else float(v) for v in levels.split(","))
-    except ValueError:
-        raise UserError(f"--p must be comma-separated numbers or none, got {levels!r}") from None
-    if any(p is not None and not 0 < p <= 1 for p in parsed):
-        raise UserError("--p values must be in (0, 1]")
-    result = run_confidence_bench(levels=parsed, samples=samples)
-    if json_out:
-        emit_json(result)
-        return
-    table = Table(title=f"{result['model']} with fallback {result['fallback']}, {result['samples']} held-out digits")
-    for col in ("P", "accuracy", "mean ms", "p95 ms", "to the cloud", "bytes/request"):
-        table.add_column(col, justify="right")
-    for r in result["results"]:
-        table.add_row("none" if r["p"] is None else f"{r['p']:g}", f"{r['accuracy']:.4f}", f"{r['mean_ms']:.2f}",
-                      f"{r['p95_ms']:.2f}", f"{100 * r['cloud_share']:.1f}%", f"{r['bytes_per_request']:,.0f}")
-    console.print(table)
-
-
-@bench_app.command("cloud")
-def bench_cloud_cmd(
-    model: str = ModelOpt,
-    cut: Optional[int] = typer.Option(None, "--cut", help="prefix cut index (default: mid-network)"),
-    concurrency: str = typer.Option("1,8,32", "--concurrency", help="client counts, comma-separated"),
-    seconds: float = typer.Option(4.0, "--seconds", help="measured seconds per point"),
-    max_batch: int = typer.Option(32, "--max-batch", help="batch limit with batching on"),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="batch fill wait with batching on"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
-) -> None:
-    """Worker throughput and p50/p95 latency with batching on and off."""
-    from splitinfer.bench.cloud import BenchSettings, run_cloud_bench
-
-    try:
-        levels = tuple(int(c) for c in concurrency.split(","))
-    except ValueError:
-        raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
-    if not levels or min(levels) < 1 or seconds <= 0 or max_batch < 1:
-        raise UserError("--concurrency values, --seconds and --max-batch must be positive")
-    result = run_cloud_bench(
-        BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds,
-                      max_batch=max_batch, max_wait_ms=max_wait_ms)
-    )
-    if json_out:
-        emit_json(result)
-        return
-    table = Table(title=f"{result['model']} tail after cut {result['cut']['index']} ({result['cut']['bytes']:,} bytes)")
-    for col in ("batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
-        table.add_column(col, justify="right")
-    for r in result["results"]:
-        table.add_row("on" if r["batching"] else "off", str(r["concurrency"]), f"{r['throughput_rps']:.1f}",
-                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_batch']:.1f}")
-    console.print(table)
-    console.print(f"throughput with / without batching at {max(levels)} clients: {result['speedup_at_max_concurrency']}x")
-
-
-from splitinfer.bench.soak_cli import soak_cmd  # noqa: E402 (lives with its benchmark)
-
-bench_app.command("soak")(soak_cmd)
-
-
 def _register_service_commands() -> None:
-    """Commands whose code lives with their service (cloud/, edge/)."""
+    """Command groups whose code lives with their package (services, training, benchmarks, demo)."""
     from splitinfer.cloud.cli import cloud_cmd
 
     from splitinfer.edge.cli import edge_cmd
     from splitinfer.simulations.cli import emulate_cmd, experiment_cmd, simulate_cmd
     from splitinfer.demo.cli import demo_cmd
     from splitinfer.train.cli import distill_cmd, evaluate_cmd, train_cmd
+    from splitinfer.bench.cli import bench_app
 
     app.command("cloud")(cloud_cmd)
     app.command("edge")(edge_cmd)
@@ -463,6 +327,7 @@ def _register_service_commands() -> None:
     app.command("distill")(distill_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("demo")(demo_cmd)
+    app.add_typer(bench_app, name="bench")
 
 
 _register_service_commands()

@@ -6,11 +6,10 @@ import os
 import queue
 import signal
 import subprocess
-import threading
 import time
 from typing import Sequence
 
-from splitinfer.util.procs import python_module
+from splitinfer.util.procs import LinePump, python_module
 
 
 class CloudProcess:
@@ -49,37 +48,28 @@ class CloudProcess:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.lines: "queue.Queue[str]" = queue.Queue()
-        self.stderr_lines: list[str] = []
-        self._pumps = [
-            threading.Thread(target=self._pump, daemon=True),
-            threading.Thread(target=self._pump_err, daemon=True),
-        ]
-        for t in self._pumps:
-            t.start()
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out_pump, self.lines = LinePump.to_queue(self.proc.stdout)
+        err_pump = LinePump(self.proc.stderr, keep=200)
+        self._pumps = [out_pump, err_pump]
         self.url = ""
         deadline = time.monotonic() + timeout_s
         while not self.url:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.proc.poll() is not None:
                 self.kill()
-                raise RuntimeError("cloud worker did not start: " + "".join(self.stderr_lines[-5:]).strip())
+                raise RuntimeError("cloud worker did not start: " + err_pump.last(5))
             try:
                 line = self.lines.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
-            if "serving on " in line:
+            if line is not None and "serving on " in line:
                 self.url = line.split("serving on ", 1)[1].split()[0]
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def _pump_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
+    @property
+    def stderr_lines(self) -> list[str]:
+        """The worker's last lines on stderr (its log)."""
+        return list(self._pumps[1].tail)
 
     @property
     def pid(self) -> int:
@@ -114,8 +104,8 @@ class CloudProcess:
     def _close_pipes(self) -> None:
         if self.proc.poll() is None:
             return
-        for t in self._pumps:  # they reach EOF now that the process is gone
-            t.join(timeout=2)
+        for pump in self._pumps:  # they reach EOF now that the process is gone
+            pump.join(timeout_s=2)
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 try:

@@ -9,7 +9,6 @@ emulation's edge launcher), without going through the top-level CLI.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from typing import Any, Optional
@@ -21,6 +20,7 @@ from rich.table import Table
 from splitinfer.edge.fallback import default_fallback
 from splitinfer.edge.hooks import AgentHooks
 from splitinfer.errors import UserError
+from splitinfer.util.output import emit_json
 from splitinfer.util.stats import latency_stats
 
 __all__ = ["default_fallback", "edge_cmd", "run_agent", "run_edge_command"]
@@ -118,8 +118,7 @@ def edge_cmd(
     hooks = ctx.obj if isinstance(ctx.obj, AgentHooks) else None  # run_edge_command's
     summary = asyncio.run(run_agent(config, requests, rate, hooks))
     if json_out:
-        sys.stdout.write(json.dumps(summary, indent=1) + "\n")
-        sys.stdout.flush()
+        emit_json(summary)
         return
     _print_summary(summary, model, verify)
 

@@ -129,22 +129,16 @@ def scale_cmd(
 
 # ------------------------------------------------------------------------ partition
 def _load_checked_profiles(model: str, edge_profile: Path, cloud_profile: Path) -> tuple[Any, Any]:
+    """The pair of profile files, checked to be of this model's graph (the planner's load_pair)."""
+    from splitinfer.adapt.planner import load_pair
     from splitinfer.core.graph import capture
-    from splitinfer.models.loader import load_model
     from splitinfer.core.profile import Profile
+    from splitinfer.models.loader import load_model
 
-    edge = Profile.load(edge_profile)
-    cloud = Profile.load(cloud_profile)
     lm = load_model(model)
-    _, graph = capture(lm.module, lm.example_batch(edge.batch))
-    for path, prof in ((edge_profile, edge), (cloud_profile, cloud)):
-        if prof.graph.fingerprint() != graph.fingerprint():
-            raise UserError(
-                f"{path} is a profile of {prof.model} {list(prof.input_shape)}, "
-                f"not of {lm.name} {list(lm.input_shape)}"
-            )
-    edge.check_compatible(cloud)
-    return edge, cloud
+    batch = Profile.load(edge_profile).batch  # the graph is traced at the profiles' batch size
+    _, graph = capture(lm.module, lm.example_batch(batch))
+    return load_pair(edge_profile, cloud_profile, graph.fingerprint(), model=f"{lm.name} {list(lm.input_shape)}")
 
 
 @app.command("partition")

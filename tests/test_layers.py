@@ -242,3 +242,8 @@ def test_every_layer_package_is_documented(layer: str) -> None:
     if src is None:
         pytest.skip(f"{layer} is a module, not a package")
     assert ast.get_docstring(src.tree), f"{layer}/__init__.py needs a docstring that says what lives there"
+
+
+def test_every_module_says_what_it_is() -> None:
+    bare = sorted(str(s.path.relative_to(ROOT)) for s in SOURCES.values() if not ast.get_docstring(s.tree))
+    assert not bare, f"modules without a docstring: {bare}"

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _console = Console(width=None if sys.stdout.isatty() else 120)  # piped: wide enough for the tables
 _err = Console(stderr=True)
 
-EXPERIMENTS = ("adaptive", "estimators", "hysteresis")
+EXPERIMENTS = ("adaptive", "estimators", "hysteresis", "energy")
 
 
 def _check_positive(name: str, value: float | None) -> None:
@@ -72,6 +72,9 @@ def simulate_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the Poisson arrivals"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write latency-over-time and CDF plots to this PNG"),
+    objective: str = typer.Option("latency", "--objective", help="what the policies minimise: latency, energy or edp (with --deadline-ms: subject to it)"),
+    power: Optional[str] = typer.Option(None, "--power", help="the edge's power profile: a JSON file or a device class (phone, jetson, rpi, laptop)"),
+    link_type: Optional[str] = typer.Option(None, "--link-type", help="the radio the energy model charges: 3g, 4g, wifi, ethernet"),
 ) -> None:
     """Simulate requests through edge CPU, a time-varying uplink and the cloud, per policy."""
     from splitinfer.simulations.simulator import SimConfig, Simulator, parse_policies, plot_result
@@ -103,7 +106,15 @@ def simulate_cmd(
         deadline_ms=deadline_ms,
         seed=seed,
     )
-    sim = Simulator(edge, cloud, link, cfg)
+    from splitinfer.adapt.planner import cut_table
+    from splitinfer.core.energy import load_power
+
+    pw = load_power(power) if power is not None else None
+    if link_type is not None:
+        pw = (pw or load_power(None)).on(link_type)
+    table = cut_table(edge, cloud, objective=objective, power=pw,
+                      deadline_ms=deadline_ms if objective != "latency" else None)  # fmt: skip
+    sim = Simulator(edge, cloud, link, cfg, table=table)
     result = sim.run_all(names)
     if plot is not None:
         plot_result(result, plot)
@@ -118,7 +129,7 @@ def simulate_cmd(
         + (" Poisson" if cfg.poisson else "")
         + "; latency in ms"
     )
-    for col in ("policy", "mean", "p50", "p95", "p99", "misses", "MB sent", "switches", "probes"):
+    for col in ("policy", "mean", "p50", "p95", "p99", "misses", "MB sent", "switches", "probes", "mJ/request"):
         table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
 
     def ms(v: float) -> str:
@@ -128,7 +139,7 @@ def simulate_cmd(
         table.add_row(
             name, ms(p["mean_ms"]), ms(p["p50_ms"]), ms(p["p95_ms"]), ms(p["p99_ms"]),
             str(p["deadline_misses"]) if deadline_ms is not None else "-", f"{p['bytes_sent'] / 1e6:,.1f}",
-            str(p["switches"]), str(p["probes"]),
+            str(p["switches"]), str(p["probes"]), f"{p['energy_mj']:.1f}" if "energy_mj" in p else "-",
         )  # fmt: skip
     _console.print(table)
     if plot is not None:
@@ -218,8 +229,11 @@ def experiment_cmd(
     obs_noise: float = typer.Option(0.0, "--obs-noise", help="log-normal sigma of the noise on each observed transfer time"),
     seed: int = typer.Option(0, "--seed"),
     time_scale: float = typer.Option(1.0, "--time-scale", help="play every trace this many times faster (simulator and emulation alike)"),
+    power: Optional[str] = typer.Option(None, "--power", help="energy: the edge's power profile, a JSON file or a device class (default phone)"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="energy: also minimise energy subject to this latency"),
 ) -> None:
-    """Policies x traces x models on the simulator (--emulate: on the real system), against the oracle."""
+    """Policies x traces x models on the simulator (--emulate: on the real system), against the oracle;
+    `energy`: energy per request per objective at Neurosurgeon's 3G/LTE/Wi-Fi rates."""
     from splitinfer.simulations.experiment import (
         ExperimentConfig,
         resolve_traces,
@@ -247,6 +261,10 @@ def experiment_cmd(
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     if not model_list:
         raise UserError("--models is empty")
+    if name == "energy":
+        _energy_experiment(model_list if models != "resnet18,mobilenet_v2" else None, edge_slowdown, rtt, power,
+                           deadline_ms, out, json_out, emulate)  # fmt: skip
+        return
     if profiles is not None and not profiles.is_dir():
         raise UserError(f"--profiles must be a folder: {profiles}")
     trace_list = resolve_traces(traces)
@@ -301,5 +319,29 @@ def experiment_cmd(
             table.add_row(v.removeprefix("adaptive[").removesuffix("]"), f"{s['mean_regret'] * 100:+.2f}%", f"{s['max_regret'] * 100:+.2f}%", str(s["switches"]),
                           "-" if err is None else f"{err * 100:.1f}%")  # fmt: skip
         _console.print(table)
+    if out is not None:
+        _err.print(f"results written to {out}/")
+
+
+def _energy_experiment(
+    models: list[str] | None, edge_slowdown: float, rtt: float, power: str | None, deadline_ms: float | None,
+    out: Path | None, json_out: bool, emulate: bool,
+) -> None:
+    """`splitinfer experiment energy` (models None: every reference model of the experiment)."""
+    from splitinfer.core.energy import load_power
+    from splitinfer.simulations.experiment_energy import ENERGY_MODELS, check_models, energy_markdown, run_energy_experiment
+
+    if emulate:
+        raise UserError("--emulate runs the adaptive experiment only, not 'energy'")
+    _check_positive("--deadline-ms", deadline_ms)
+    model_list = list(models or ENERGY_MODELS)
+    check_models(model_list)
+    progress = (lambda msg: _err.print(msg, highlight=False)) if not json_out else None
+    result = run_energy_experiment(model_list, edge_slowdown, rtt_ms=rtt, power=load_power(power), deadline_ms=deadline_ms,
+                                   out=out, progress=progress)  # fmt: skip
+    if json_out:
+        emit_json(result)
+        return
+    sys.stdout.write(energy_markdown(result))
     if out is not None:
         _err.print(f"results written to {out}/")

@@ -18,6 +18,11 @@ answer arrives, plus the cloud's queue delay. A policy that asks for a probe get
 small transfer on the same uplink). The oracle alone also sees the truth: the
 simulator tells it what each cut would actually give the request at hand.
 
+Energy per request (the device's, :mod:`splitinfer.core.energy`, with the cut table's power
+profile) is charged on the simulated timeline: compute for the head, the radio for the
+actual upload and download times, idle power for every wait (the uplink queue, the RTT,
+the cloud's queue and tail), plus the radio's tail; the codec's time counts as compute.
+
 Loss in a trace is ignored (documented, not modelled).
 """
 
@@ -109,6 +114,7 @@ class PolicyRun:
     probes: int = 0
     probe_bytes: int = 0
     estimate_mbit: np.ndarray | None = None  # the policy's bandwidth estimate at each decision
+    energy_mj: np.ndarray | None = None  # per request, on the edge device (core.energy)
 
     @property
     def switches(self) -> int:
@@ -132,7 +138,11 @@ class PolicyRun:
             "switches": self.switches,
             "probes": self.probes,
             "cuts": self.cut_counts(),
-        }
+            **({} if self.energy_mj is None else {
+                "energy_mj": round(float(self.energy_mj.mean()), 3),
+                "energy_p95_mj": round(float(percentile(self.energy_mj.tolist(), 0.95)), 3),
+            }),
+        }  # fmt: skip
 
 
 @dataclass
@@ -241,6 +251,11 @@ class Simulator:
             return done, edge_done, up_end, arrive, c_start, c_done
 
         latency = np.empty(n)
+        energy = np.empty(n)
+        power = self.table.power
+        radio = power.radio
+        up_mj_b, down_mj_b, base_w, wait_w = radio.up_mj_per_byte(), radio.down_mj_per_byte(), power.transfer_w(), power.wait_w()
+        tail_mj = power.tail_mj()
         start = np.empty(n)
         cut_idx = np.empty(n, dtype=np.int64)
         sent = np.zeros(n, dtype=np.int64)
@@ -295,6 +310,14 @@ class Simulator:
             c = cost(cut)
             done, edge_done, up_end, arrive, c_start, c_done = serve(c, t, up_free, cloud_free)
             edge_free = edge_done
+            mj = power.compute_w * c.edge_s * 1e3
+            if not c.local:  # radio up and down over their real times; idle for every wait
+                up_s = up_end - max(edge_done, up_free)
+                down_s = transfer_ms(out_bytes, downlink if downlink is not None else bw_at(c_done)) / 1e3
+                mj += up_mj_b * c.wire_bytes + base_w * up_s * 1e3 + down_mj_b * out_bytes + base_w * down_s * 1e3
+                mj += power.idle_w * (max(edge_done, up_free) - edge_done) * 1e3  # waiting for the uplink
+                mj += wait_w * (done - up_end - down_s) * 1e3 + tail_mj
+            energy[i] = mj
             if not c.local:
                 up_free = up_end
                 cloud_free = c_done
@@ -315,7 +338,7 @@ class Simulator:
         return PolicyRun(
             name=policy.name, arrival_s=np.asarray(arr, dtype=np.float64), start_s=start, latency_ms=latency,
             cut=cut_idx, cut_ids=list(ids), bytes_sent=sent, probes=probes, probe_bytes=probe_bytes,
-            estimate_mbit=estimates,
+            estimate_mbit=estimates, energy_mj=energy,
         )  # fmt: skip
 
     def run_all(self, policies: Iterable[str | Policy] = POLICY_NAMES) -> SimResult:

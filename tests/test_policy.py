@@ -189,3 +189,12 @@ def test_a_probe_timed_by_the_cloud_teaches_its_rate(table: CutTable) -> None:
     pol = Adaptive(table, LinkEstimator("last", initial_rtt_ms=RTT_MS), rtt_ms=RTT_MS)
     pol.observe(Feedback(now_s=1.0, cut_id="", bytes_sent=50_000, network_ms=400.0, probe=True, uplink_mbit=30.0))
     assert pol.estimator.bandwidth_mbit == pytest.approx(30.0)  # not 50 kB in 380 ms
+
+
+def test_a_latency_table_is_unscored_and_starts_edge_only() -> None:
+    """Issue 19: the default objective leaves the table's choices as they were."""
+    edge, cloud = toy_profiles()
+    table = CutTable(Partitioner(edge, cloud))
+    assert not table.scored and table.start_cut is table.edge_only and table.objective == "latency"
+    link = Link(uplink_mbit=5.0, rtt_ms=20.0)
+    assert table.score(table.best(link), link) == pytest.approx(table.predicted_ms(table.best(link), link))

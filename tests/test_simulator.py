@@ -249,3 +249,27 @@ def test_experiment_command(toy_files: tuple[Path, Path], tmp_path: Path) -> Non
         res = CliRunner().invoke(cli(), ["experiment", *bad, "--profiles", str(root)])
         assert isinstance(res.exception, UserError), (bad, res.output)
     assert "--emulate needs --traces" in str(CliRunner().invoke(cli(), ["experiment", "adaptive", "--emulate"]).exception)
+
+
+def test_simulate_command_energy_objective_and_energy_experiment(toy_files: tuple[Path, Path]) -> None:
+    """Issue 19: --objective energy in simulate (energy per policy), and `experiment energy --json`."""
+    e, c = toy_files
+    base = ["simulate", "--model", "toy", "--edge-profile", str(e), "--cloud-profile", str(c), "--bandwidth", "4",
+            "--rate", "0.25", "--requests", "40", "--policy", "static,adaptive", "--power", "laptop",
+            "--link-type", "ethernet", "--json"]  # fmt: skip
+    out = {}
+    for objective in ("latency", "energy"):
+        result = CliRunner().invoke(cli(), [*base, "--objective", objective])
+        assert result.exit_code == 0, result.output
+        out[objective] = json.loads(result.stdout)["policies"]
+    assert out["energy"]["static"]["energy_mj"] < out["latency"]["static"]["energy_mj"]
+    assert out["energy"]["static"]["mean_ms"] >= out["latency"]["static"]["mean_ms"]
+    result = CliRunner().invoke(cli(), ["experiment", "energy", "--models", "tinycnn", "--deadline-ms", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {r["mbit"] for r in data["rows"]} == {1.1, 5.85, 18.88}
+    assert set(data["summary"]) == {"latency", "energy", "edp", "energy<=50ms"}
+    for r in data["rows"]:
+        if r["objective"] == "energy":
+            lat = next(x for x in data["rows"] if x["objective"] == "latency" and x["mbit"] == r["mbit"])
+            assert r["energy_mj"] <= lat["energy_mj"] + 1e-6

@@ -24,6 +24,8 @@ from splitinfer.adapt.estimator import LinkEstimator
 from splitinfer.adapt.policy import Adaptive, CutTable, Feedback, Policy
 from splitinfer.adapt.reference import load_reference
 from splitinfer.core.costmodel import NO_CODEC, CodecCost, Link
+from splitinfer.core.energy import PowerProfile
+from splitinfer.core.memory import MemoryBudget
 from splitinfer.core.graph import EDGE_ONLY
 from splitinfer.core.partitioner import CutPlan, Partitioner
 from splitinfer.core.profile import Profile
@@ -73,13 +75,25 @@ def load_pair(
     return edge, cloud
 
 
-def cut_table(edge: Profile, cloud: Profile, codec: CodecCost = NO_CODEC, edge_slowdown: float = 1.0) -> CutTable:
+def cut_table(
+    edge: Profile,
+    cloud: Profile,
+    codec: CodecCost = NO_CODEC,
+    edge_slowdown: float = 1.0,
+    *,
+    objective: str = "latency",
+    deadline_ms: float | None = None,
+    power: PowerProfile | None = None,
+    memory: MemoryBudget | None = None,
+) -> CutTable:
     """The partitioner's envelope for this pair, the edge profile scaled ``edge_slowdown``
-    times slower first (an emulated slow device plans as that device)."""
+    times slower first (an emulated slow device plans as that device); ``objective``,
+    ``deadline_ms`` (a constraint), ``power`` and ``memory`` as the Partitioner's."""
     if not (math.isfinite(edge_slowdown) and edge_slowdown > 0):
         raise UserError(f"edge slowdown must be positive, got {edge_slowdown}")
     scaled = edge.scaled(edge_slowdown) if edge_slowdown != 1.0 else edge
-    return CutTable(Partitioner(scaled, cloud, codec))
+    return CutTable(Partitioner(scaled, cloud, codec, objective=objective, deadline_ms=deadline_ms, power=power,
+                                memory=memory))  # fmt: skip
 
 
 def adaptive_policy(table: CutTable, link: Link, **adaptive_kwargs: Any) -> Adaptive:
@@ -120,10 +134,25 @@ def plan_adaptive(
     *,
     codec: CodecCost = NO_CODEC,
     edge_slowdown: float = 1.0,
+    objective: str = "latency",
+    deadline_ms: float | None = None,
+    power: PowerProfile | None = None,
+    memory: MemoryBudget | None = None,
+    saver_objective: str | None = None,
     **adaptive_kwargs: Any,
 ) -> Plan:
-    """cut_table + adaptive_policy + start, in one call."""
-    table = cut_table(edge, cloud, codec, edge_slowdown)
+    """cut_table + adaptive_policy + start, in one call. ``saver_objective`` (e.g. "energy",
+    with an ``objective_source`` in ``adaptive_kwargs``) adds a second table the policy
+    moves to when the source asks for it (a battery saver)."""
+    kw: dict[str, Any] = {"power": power, "memory": memory}
+    # the deadline constrains energy and EDP; the latency objective's best cut is the fastest anyway
+    table = cut_table(edge, cloud, codec, edge_slowdown, objective=objective,
+                      deadline_ms=deadline_ms if objective != "latency" else None, **kw)  # fmt: skip
+    if saver_objective is not None and saver_objective != objective:
+        adaptive_kwargs["tables"] = {
+            saver_objective: cut_table(edge, cloud, codec, edge_slowdown, objective=saver_objective,
+                                       deadline_ms=deadline_ms if saver_objective != "latency" else None, **kw)
+        }  # fmt: skip
     policy = adaptive_policy(table, link, **adaptive_kwargs)
     return Plan(table, policy, start(policy, now), link, edge_slowdown)
 

@@ -5,7 +5,10 @@ A policy answers :meth:`Policy.choose` per request and learns from :meth:`Policy
 (one :class:`Feedback` per finished transfer). Every latency it compares comes from the
 cost model (:func:`splitinfer.core.costmodel.combine`, fed a cut's own breakdown); the cuts
 come from the partitioner's bandwidth envelope, computed once in a :class:`CutTable`,
-so a choice is a bisection plus two or three cost-model evaluations.
+so a choice is a bisection plus two or three cost-model evaluations. A table built for
+another objective (energy, EDP, a deadline: the partitioner's) ranks cuts by
+:meth:`CutTable.score` instead; an adaptive policy can move between tables at run time
+(``objective_source``, e.g. a battery saver).
 
 - :class:`EdgeOnly`, :class:`CloudOnly`, :class:`Fixed`: one cut, always.
 - :class:`Static` (Neurosurgeon): the best cut for one given bandwidth (the mean), fixed.
@@ -48,13 +51,15 @@ exact for any RTT >= 0 and queue delay >= 0.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
-from splitinfer.core.costmodel import NO_CODEC, CodecCost, Link, combine, transfer_ms
+from splitinfer.core.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, transfer_ms
+from splitinfer.core.energy import EnergyBreakdown, energy_of, objective_value
 from splitinfer.errors import UserError
 from splitinfer.adapt.estimator import LinkEstimator
 from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY
@@ -76,6 +81,8 @@ __all__ = [
 ]
 
 POLICY_NAMES = ("edge-only", "cloud-only", "static", "adaptive", "oracle")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,14 +140,35 @@ class CutTable:
         if self.cloud_only is not None:
             cuts.setdefault(self.cloud_only.id, self.cloud_only)
         self.cuts: tuple[CutPlan, ...] = tuple(cuts.values())  # every cut a policy here can pick
+        self._init_objective(partitioner, ref)
 
-    def envelope_cut(self, mbit: float) -> CutPlan:
-        """The cut the envelope holds for this uplink (clamped to its range)."""
-        i = bisect_left(self._to, min(max(mbit, ENVELOPE_MIN_MBIT), ENVELOPE_MAX_MBIT))
-        return self.envelope[min(i, len(self.envelope) - 1)].cut
+    # -- objectives other than latency (energy, EDP, a deadline) and a memory budget -------
+    def _init_objective(self, partitioner: Partitioner, ref: Link) -> None:
+        """The objective this table ranks cuts by, from its partitioner; with only latency
+        (the default) nothing below changes the table's choices."""
+        self.objective: str = partitioner.objective
+        self.deadline_ms: float | None = partitioner.deadline_ms
+        self.power = partitioner.power
+        self.latency_weight: float = partitioner.latency_weight
+        self.scored = self.objective != "latency" or self.deadline_ms is not None or partitioner.memory is not None
+        self.start_cut: CutPlan = self.edge_only  # the cut taken before anything is known of the link
+        self.edge_only_fits = True
+        if not self.scored:
+            return
+        cuts = {c.id: c for c in self.cuts}
+        if not partitioner._line_objective:  # EDP / deadline: the union of additive envelopes
+            for c in partitioner.objective_cuts(ref):
+                cuts.setdefault(c.id, c)
+        feasible = [c for c in cuts.values() if partitioner.fits(c)]
+        if not feasible:
+            raise UserError(f"no cut of {partitioner.edge.model} fits in the edge memory budget")
+        self.cuts = tuple(feasible)
+        self.edge_only_fits = partitioner.fits(self.edge_only)
+        if not self.edge_only_fits:  # the deepest head that fits stands in for edge-only
+            self.start_cut = max(self.cuts, key=lambda c: len(c.head))
 
-    def predicted_ms(self, cut: CutPlan, link: Link, cloud_queue_ms: float = 0.0) -> float:
-        """The cost model's latency of `cut` on `link`, with a queue delay on the cloud side."""
+    def breakdown(self, cut: CutPlan, link: Link, cloud_queue_ms: float = 0.0) -> Breakdown:
+        """The cost model's breakdown of `cut` on `link`, with a queue delay on the cloud side."""
         bd = cut.breakdown
         local = cut.id == EDGE_ONLY
         return combine(
@@ -151,10 +179,52 @@ class CutTable:
             link=link,
             codec=self.codec,
             local=local,
-        ).total_ms
+        )
+
+    def energy(self, cut: CutPlan, link: Link, cloud_queue_ms: float = 0.0, wait_ms: float = 0.0) -> EnergyBreakdown:
+        """The energy model's view of `cut` on `link` (``wait_ms``: extra idle wait)."""
+        e = energy_of(self.breakdown(cut, link, cloud_queue_ms), cut.bytes, self.output_bytes, self.power,
+                      self.codec, local=cut.id == EDGE_ONLY)  # fmt: skip
+        return EnergyBreakdown(e.compute_mj, e.transmit_mj, e.idle_mj + self.power.idle_w * wait_ms,
+                               e.receive_mj, e.tail_mj) if wait_ms else e  # fmt: skip
+
+    def score(self, cut: CutPlan, link: Link, cloud_queue_ms: float = 0.0, extra_ms: float = 0.0) -> float:
+        """What this table's objective minimises for `cut` now (``extra_ms``: waits the
+        caller adds); a cut that misses the deadline scores above every one that meets it."""
+        lat = self.predicted_ms(cut, link, cloud_queue_ms) + extra_ms
+        if self.objective == "latency":
+            value = lat
+        else:
+            mj = self.energy(cut, link, cloud_queue_ms, max(0.0, extra_ms)).total_mj
+            value = mj + self.latency_weight * lat if self.objective == "energy" else objective_value(self.objective, lat, mj)
+        if self.deadline_ms is not None and lat > self.deadline_ms:
+            return 1e18 + lat  # infeasible: the fastest of the infeasible, after every feasible one
+        return value
+
+    def best_scored(self, link: Link, cloud_queue_ms: float = 0.0) -> CutPlan:
+        """best() for a scored table: the envelope cut vs edge-only for energy (exact, as for
+        latency: module docstring), every cut of the table for EDP or a deadline."""
+        if self.objective in ("latency", "energy") and self.deadline_ms is None:
+            pool = [self.envelope_cut(link.uplink_mbit)]
+            if self.edge_only_fits:
+                pool.append(self.edge_only)
+        else:
+            pool = list(self.cuts)
+        return min(pool, key=lambda c: self.score(c, link, cloud_queue_ms))
+
+    def envelope_cut(self, mbit: float) -> CutPlan:
+        """The cut the envelope holds for this uplink (clamped to its range)."""
+        i = bisect_left(self._to, min(max(mbit, ENVELOPE_MIN_MBIT), ENVELOPE_MAX_MBIT))
+        return self.envelope[min(i, len(self.envelope) - 1)].cut
+
+    def predicted_ms(self, cut: CutPlan, link: Link, cloud_queue_ms: float = 0.0) -> float:
+        """The cost model's latency of `cut` on `link`, with a queue delay on the cloud side."""
+        return self.breakdown(cut, link, cloud_queue_ms).total_ms
 
     def best(self, link: Link, cloud_queue_ms: float = 0.0) -> CutPlan:
         """The fastest cut on `link` with this cloud queue delay (exact: module docstring)."""
+        if self.scored:
+            return self.best_scored(link, cloud_queue_ms)
         cut = self.envelope_cut(link.uplink_mbit)
         if cut.id == EDGE_ONLY:
             return cut
@@ -237,9 +307,14 @@ class Adaptive(Policy):
         use_inflight: bool = True,  # cap the estimate by what an unanswered transfer proves
         load_aware: bool = True,  # charge a cut's head time to the requests queued behind it
         name: str = "adaptive",
+        tables: Mapping[str, CutTable] | None = None,  # objective -> table, for objective_source
+        objective_source: Callable[[], str] | None = None,  # per request: the objective wanted now (a battery saver)
     ) -> None:
         if margin < 0 or margin_ms < 0:
             raise UserError("hysteresis margins must be >= 0")
+        self.tables: dict[str, CutTable] = {table.objective: table, **(tables or {})}
+        self.objective_source = objective_source
+        self.objective_switches = 0
         self.table = table
         self.estimator = estimator or LinkEstimator(initial_rtt_ms=rtt_ms)
         self.rtt_ms = rtt_ms
@@ -266,13 +341,26 @@ class Adaptive(Policy):
         """Predicted cost of `cut` now: the cost model on the estimated link, plus the
         cloud's queue delay, the wait for this edge's own uplink (what it still has to send),
         and the head time every request queued behind this one on the edge will wait."""
-        ms = self.table.predicted_ms(cut, link, self.cloud_queue_ms if self.use_cloud_queue else 0.0)
+        ms = base_ms = self.table.predicted_ms(cut, link, self.cloud_queue_ms if self.use_cloud_queue else 0.0)
         if cut.id != EDGE_ONLY and self.use_uplink_backlog:
             ready_s = now_s + (cut.breakdown.edge_ms + cut.breakdown.codec_ms) / 1e3
             ms += max(0.0, self._uplink_free_s - ready_s) * 1e3
         if edge_waiting and self.load_aware:
             ms += edge_waiting * (cut.breakdown.edge_ms + cut.breakdown.codec_ms)
+        if self.table.scored:  # the table's objective, the same waits added as latency
+            return self.table.score(cut, link, self.cloud_queue_ms if self.use_cloud_queue else 0.0, ms - base_ms)
         return ms
+
+    def use_objective(self, objective: str) -> bool:
+        """Rank cuts by another of this policy's tables from now on (True: it changed).
+        The cut changes like any other: at the next choice, with hysteresis."""
+        table = self.tables.get(objective)
+        if table is None or table is self.table:
+            return False
+        log.info("%s: objective %s -> %s", self.name, self.table.objective, objective)
+        self.table = table
+        self.objective_switches += 1
+        return True
 
     def target(self, link: Link, now_s: float = 0.0, edge_waiting: int = 0) -> CutPlan:
         """The best cut now, without hysteresis: the envelope's (one bisection) when nothing
@@ -283,9 +371,11 @@ class Adaptive(Policy):
         return min(self.table.cuts, key=lambda c: self._cost_ms(c, link, now_s, edge_waiting))
 
     def choose(self, now_s: float, state: PolicyState = NO_STATE) -> CutPlan:
+        if self.objective_source is not None:
+            self.use_objective(self.objective_source())
         link = self.estimated_link(now_s)
         if link is None:  # nothing known about the link yet: stay local until a probe answers
-            chosen = self.table.edge_only
+            chosen = self.table.start_cut
         else:
             waiting = state.edge_waiting
             chosen = self.target(link, now_s, waiting)

@@ -33,6 +33,9 @@ class Profile:
     weights_hash: str = ""
     created: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # weights each node needs on the device (core.memory.node_weight_bytes); empty when not
+    # recorded (older profiles): the memory budget then takes them from the model itself
+    node_weight_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_ms(self) -> float:
@@ -74,6 +77,8 @@ class Profile:
             d = n.to_json()
             d["ms"] = round(self.node_ms[n.name], 6)
             d["spread_ms"] = round(self.node_spread_ms.get(n.name, 0.0), 6)
+            if n.name in self.node_weight_bytes:  # optional: older readers ignore it
+                d["weight_bytes"] = int(self.node_weight_bytes[n.name])
             nodes.append(d)
         return {
             "format": PROFILE_FORMAT,
@@ -114,6 +119,7 @@ class Profile:
             weights_hash=str(d.get("weights_hash", "")),
             created=str(d.get("created", "")),
             meta=dict(d.get("meta", {})),
+            node_weight_bytes={n["name"]: int(n["weight_bytes"]) for n in d["nodes"] if "weight_bytes" in n},
         )
 
     def save(self, path: str | Path) -> None:

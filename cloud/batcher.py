@@ -35,8 +35,11 @@ from typing import Callable, TypeVar
 
 import torch
 
+from splitinfer.cloud.backends.base import Admission, DeadlineExceeded, JobResult, Overloaded, client_limit
 from splitinfer.cloud.registry import Tail
 from splitinfer.core.split import outputs_dict
+
+__all__ = ["Batcher", "DeadlineExceeded", "Job", "JobResult", "Overloaded", "run_batch", "run_merged"]
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +62,23 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class JobResult:
-    outputs: dict[str, torch.Tensor]
-    queue_ms: float
-    compute_ms: float
-    batch_size: int  # samples in the batch this job ran in
-
-
-class DeadlineExceeded(Exception):
-    pass
-
-
-class Overloaded(Exception):
-    pass
-
-
 def run_batch(tail: Tail, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
     """Concatenate the jobs' inputs along dim 0, run the tail once, split the outputs."""
+    return run_merged(tail, [j.tensors for j in jobs], [j.batch for j in jobs])
+
+
+def run_merged(tail: Tail, inputs: list[dict[str, torch.Tensor]], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One tail run for several requests' inputs (``sizes[i]`` samples each); outputs per request.
+
+    Shared by the in-process batcher and the Ray Serve replicas (cloud/backends/ray_replica.py)."""
     with torch.inference_mode():
-        if len(jobs) == 1:
-            return [outputs_dict(tail.split.run_tail(jobs[0].tensors))]
-        merged = {s.name: torch.cat([j.tensors[s.name] for j in jobs]) for s in tail.inputs}
+        if len(inputs) == 1:
+            return [outputs_dict(tail.split.run_tail(inputs[0]))]
+        merged = {s.name: torch.cat([t[s.name] for t in inputs]) for s in tail.inputs}
         outputs = outputs_dict(tail.split.run_tail(merged))
-        sizes = [j.batch for j in jobs]
         parts = {k: torch.split(v, sizes) for k, v in outputs.items()}
         # clone: a view would keep the whole batch's storage alive and be encoded with it
-        return [{k: parts[k][i].clone() for k in outputs} for i in range(len(jobs))]
+        return [{k: parts[k][i].clone() for k in outputs} for i in range(len(inputs))]
 
 
 class _KeyQueue:
@@ -148,20 +141,26 @@ class Batcher:
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1e3
         self.max_queue = max_queue
-        # samples one client may hold: never less than one full batch
-        self.client_limit = max(self.max_batch, int(max_queue * client_share))
+        self.admission = Admission(max_queue, client_limit(self.max_batch, max_queue, client_share))
         self.on_batch = on_batch  # metrics hook: samples per batch
         self._threads = threads
         self._pending: OrderedDict[Key, _KeyQueue] = OrderedDict()
         self._lone: dict[Key, int] = {}  # per key: consecutive waits that gathered no company
-        self._by_client: dict[str, int] = {}  # samples queued or running, per client
         self._wakeup = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tail", initializer=self._init_thread
         )
         self._task: asyncio.Task | None = None
-        self.queued = 0  # samples waiting or running
         self._draining = False  # shutting down: run what is queued without waiting to fill
+
+    @property
+    def queued(self) -> int:
+        """Samples waiting or running."""
+        return self.admission.queued
+
+    @property
+    def client_limit(self) -> int:
+        return self.admission.client_limit
 
     def _init_thread(self) -> None:
         if self._threads:
@@ -200,35 +199,23 @@ class Batcher:
     async def submit(
         self, tail: Tail, tensors: dict[str, torch.Tensor], batch: int, deadline: float | None, client: str = ""
     ) -> JobResult:
-        if self.queued + batch > self.max_queue:
-            raise Overloaded(f"queue full ({self.queued} samples waiting)")
-        mine = self._by_client.get(client, 0)
-        if mine + batch > self.client_limit:
-            raise Overloaded(f"this client already has {mine} samples queued (its share is {self.client_limit})")
-        loop = asyncio.get_running_loop()
-        jobs = [
-            Job(tail, part, n, deadline, loop.create_future(), client)
-            for part, n in _chunks(tensors, batch, self.max_batch)
-        ]
-        queue = self._pending.setdefault((tail.model_id, tail.cut_id), _KeyQueue())
-        for job in jobs:
-            queue.add(job)
-        self.queued += batch
-        self._by_client[client] = mine + batch
-        self._wakeup.set()
-        try:
-            results = await asyncio.gather(*(j.future for j in jobs))
-        finally:
-            for job in jobs:  # one chunk failed or the caller went away: drop the rest
-                if not job.future.done():
-                    job.future.cancel()
-            self.queued -= batch
-            left = self._by_client[client] - batch
-            if left:
-                self._by_client[client] = left
-            else:
-                del self._by_client[client]
-        return _merge(results)
+        with self.admission.hold(client, batch):  # Overloaded when the queue or the client's share is full
+            loop = asyncio.get_running_loop()
+            jobs = [
+                Job(tail, part, n, deadline, loop.create_future(), client)
+                for part, n in chunks(tensors, batch, self.max_batch)
+            ]
+            queue = self._pending.setdefault((tail.model_id, tail.cut_id), _KeyQueue())
+            for job in jobs:
+                queue.add(job)
+            self._wakeup.set()
+            try:
+                results = await asyncio.gather(*(j.future for j in jobs))
+            finally:
+                for job in jobs:  # one chunk failed or the caller went away: drop the rest
+                    if not job.future.done():
+                        job.future.cancel()
+        return merge(results)
 
     def _take_ready(self, now: float) -> tuple[list[Job], float | None]:
         """A batch that is ready (keys in round-robin order); else when to look again."""
@@ -299,7 +286,7 @@ class Batcher:
                 job.future.set_result(JobResult(outputs, (started - job.enqueued) * 1e3, compute_ms, samples))
 
 
-def _chunks(tensors: dict[str, torch.Tensor], batch: int, size: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+def chunks(tensors: dict[str, torch.Tensor], batch: int, size: int) -> list[tuple[dict[str, torch.Tensor], int]]:
     """Split a request along dim 0 into parts of at most ``size`` samples (views, no copy)."""
     if batch <= size:
         return [(tensors, batch)]
@@ -309,7 +296,7 @@ def _chunks(tensors: dict[str, torch.Tensor], batch: int, size: int) -> list[tup
     ]
 
 
-def _merge(results: list[JobResult]) -> JobResult:
+def merge(results: list[JobResult]) -> JobResult:
     """One result for a request that ran in chunks: outputs concatenated in order."""
     if len(results) == 1:
         return results[0]

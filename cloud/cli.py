@@ -29,6 +29,10 @@ def cloud_cmd(
     tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS"),
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
     tls_client_ca: Optional[str] = typer.Option(None, "--tls-client-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)"),
+    backend: str = typer.Option("local", "--backend", help="what runs the tails: local (this process) or ray (Ray Serve replicas)"),
+    replicas: int = typer.Option(1, "--replicas", help="ray: number of tail replicas"),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", help="ray: MIN:MAX replicas, scaled by Ray Serve with the load"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: join this cluster (HOST:PORT); default: start a local Ray, stopped on exit"),
 ) -> None:
     """Serve the tail of any cut of the given models (HTTP, WebSocket, metrics)."""
     from splitinfer.cloud.auth import Tokens
@@ -40,6 +44,7 @@ def cloud_cmd(
         raise UserError("--max-batch, --max-queue and --threads must be >= 1, --max-wait-ms >= 0")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
+    scale = _backend_options(backend, replicas, autoscale, ray_address)
     config = WorkerConfig(
         models=tuple(model),
         host=host,
@@ -55,6 +60,10 @@ def cloud_cmd(
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
+        backend=backend,
+        replicas=replicas,
+        autoscale=scale,
+        ray_address=ray_address,
     )
     # Bad token or certificate files fail here, in one line, before models load.
     tokens = Tokens.from_config(token, token_file)
@@ -71,3 +80,27 @@ def cloud_cmd(
         asyncio.run(serve(config, on_ready=ready))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _backend_options(backend: str, replicas: int, autoscale: str | None, ray_address: str | None) -> tuple[int, int] | None:
+    """Check the backend options together; the (min, max) of --autoscale, if given."""
+    from splitinfer.cloud.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "ray" and (replicas != 1 or autoscale or ray_address):
+        raise UserError("--replicas, --autoscale and --ray-address need --backend ray")
+    if replicas < 1:
+        raise UserError(f"--replicas must be >= 1, got {replicas}")
+    if autoscale is None:
+        return None
+    if replicas != 1:
+        raise UserError("give --replicas or --autoscale, not both")
+    low, sep, high = autoscale.partition(":")
+    try:
+        scale = (int(low), int(high))
+    except ValueError:
+        raise UserError(f"--autoscale must be MIN:MAX (e.g. 1:4), got {autoscale!r}") from None
+    if not sep or scale[0] < 0 or scale[1] < max(1, scale[0]):
+        raise UserError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {autoscale!r}")
+    return scale

@@ -43,4 +43,12 @@ class WorkerConfig:
     tls_key: str | None = None  # PEM private key of tls_cert (required with it)
     tls_client_ca: str | None = None  # PEM CA(s): clients must present a certificate they signed (mutual TLS)
 
+    # --- backend (what runs the tails; cloud/backends/) ---
+    backend: str = "local"  # "local": in this process (the batcher); "ray": Ray Serve replicas
+    replicas: int = 1  # ray: fixed number of tail replicas (ignored with autoscale)
+    autoscale: tuple[int, int] | None = None  # ray: (min, max) replicas, scaled by Ray Serve on queued requests
+    ray_address: str | None = None  # ray: cluster to join ("HOST:PORT"); None starts a local Ray, stopped on exit
+    replica_cpus: float = 1.0  # ray: CPUs each replica reserves (placement); its torch threads default to this
+    backend_timeout_s: float = 30.0  # ray: longest wait for a remote tail of a request without a deadline
+
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

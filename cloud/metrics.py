@@ -36,5 +36,12 @@ class WorkerMetrics:
             "splitinfer_answer_cache_bytes", "Output bytes of answers kept for retries", registry=self.registry
         )
 
+        self.served = Counter(
+            "splitinfer_backend_answers",
+            "Answers by the backend replica that computed them (ray backend: replica id, node id, pid)",
+            ["replica", "node", "pid"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,10 @@ the server down. Order of the checks, cheapest first, so a hostile body costs li
 4. the bytes the decoded tensors will take are taken from the queue budget
    (``max_queued_bytes``: `overloaded` when spent) - only then is anything decompressed
    (off the event loop when compressed or big), into buffers of the declared size;
-5. the batcher admits it (queue and per-client share) and runs it.
+5. the backend admits it (queue and per-client share) and runs it.
+
+Which backend runs the tails (in this process, or on Ray Serve replicas; cloud/backends/)
+is the config's choice; nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from splitinfer.cloud.answers import AnswerCache, ByteBudget
-from splitinfer.cloud.batcher import Batcher, DeadlineExceeded, Overloaded
+from splitinfer.cloud.backends import Backend, DeadlineExceeded, Overloaded, make_backend
 from splitinfer.cloud.config import WorkerConfig
 from splitinfer.cloud.memory import release_free_memory
 from splitinfer.cloud.metrics import WorkerMetrics
@@ -75,14 +78,7 @@ class InferenceService:
         self.config = config
         self.registry = registry
         self.metrics = metrics
-        self.batcher = Batcher(
-            max_batch=config.max_batch,
-            max_wait_ms=config.max_wait_ms,
-            max_queue=config.max_queue,
-            client_share=config.client_share,
-            threads=config.threads,
-            on_batch=metrics.batch_size.observe,
-        )
+        self.backend: Backend = make_backend(config, registry, metrics.batch_size.observe, self._served)
         self.answers = AnswerCache(config.answer_cache_bytes, config.remember_answers)
         self.budget = ByteBudget(config.max_queued_bytes)
         self.in_flight = 0
@@ -90,24 +86,27 @@ class InferenceService:
         self._profiling: dict[str, asyncio.Future] = {}  # single flight per model
 
     async def start(self) -> None:
-        self.batcher.start()
+        await self.backend.start()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="trim")
 
     async def close(self) -> None:
         self._trimmer.cancel()
-        await self.batcher.close()
+        await self.backend.close()
 
     async def _trim_when_idle(self) -> None:
         """After a burst, once nothing is held, give the freed heap back (RSS returns to baseline)."""
         while True:
             await asyncio.sleep(TRIM_EVERY_S)
-            if self.budget.held == 0 and not self.batcher.queued and self.budget.peak >= TRIM_AFTER_BYTES:
+            if self.budget.held == 0 and not self.backend.queued and self.budget.peak >= TRIM_AFTER_BYTES:
                 self.budget.reset_peak()
                 await asyncio.to_thread(release_free_memory)
 
     @property
     def queue_depth(self) -> int:
-        return self.batcher.queued
+        return self.backend.queued
+
+    def _served(self, replica: str, node: str, pid: int) -> None:
+        self.metrics.served.labels(replica, node, str(pid)).inc()
 
     # ------------------------------------------------------------------ one request
     async def handle_bytes(self, data: bytes | bytearray, arrived: float, caller: Caller = Caller()) -> tuple[bytes, int]:
@@ -180,8 +179,8 @@ class InferenceService:
                 decoded = await asyncio.to_thread(req.decode)
             else:
                 decoded = req.decode()
-            self.metrics.queue_depth.set(self.batcher.queued + batch)
-            done = await self.batcher.submit(tail, decoded.tensors, batch, deadline, caller.fair_key)
+            self.metrics.queue_depth.set(self.backend.queued + batch)
+            done = await self.backend.submit(tail, decoded.tensors, batch, deadline, caller.fair_key)
         except ProtocolError as exc:
             return error(exc.code, exc.message)
         except Overloaded as exc:
@@ -194,7 +193,7 @@ class InferenceService:
             return error(ErrorCode.INTERNAL, f"internal error {error_id}: the worker's log has the details")
         finally:
             self.budget.give(alloc)
-            self.metrics.queue_depth.set(self.batcher.queued)
+            self.metrics.queue_depth.set(self.backend.queued)
         return InferResult(req.id, done.outputs, done.queue_ms, done.compute_ms, done.batch_size)
 
     def _count(self, msg: InferResult | ErrorMessage, arrived: float) -> InferResult | ErrorMessage:
@@ -208,7 +207,7 @@ class InferenceService:
         """This worker's own profile of a model, measured once.
 
         Single flight: concurrent calls for a model share one measurement. It runs on the
-        tail thread (:meth:`Batcher.exclusive`), on a private copy of the model, so its graph
+        tail thread (:meth:`Backend.exclusive`), on a private copy of the model, so its graph
         capture never overlaps a tail (concurrent captures, or a capture beside a running
         tail, left torch's tracing state broken) and its timings are an idle worker's.
         Serving pauses while it runs (seconds); it needs the ``admin`` scope when tokens are on."""
@@ -232,7 +231,7 @@ class InferenceService:
             )
             return prof.to_json()
 
-        result = await self.batcher.exclusive(run)
+        result = await self.backend.exclusive(run)
         self._profiles[hosted.model_id] = result
         return result
 

@@ -104,7 +104,7 @@ class CloudWorker:
             self._advertiser = None
         for site in list(self._runner.sites):
             await site.stop()
-        self.service.batcher.drain()
+        self.service.backend.drain()
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self.service.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -128,6 +128,8 @@ async def serve(config: WorkerConfig, on_ready: Callable[[str], None] | None = N
         loop.add_signal_handler(sig, stop.set)
     worker = CloudWorker(config)
     await worker.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # again: a backend's runtime (Ray) may have installed its own
+        loop.add_signal_handler(sig, stop.set)
     try:
         if on_ready:
             on_ready(worker.url)

@@ -123,8 +123,11 @@ def bench_cloud_cmd(
     max_batch: int = typer.Option(32, "--max-batch", help="batch limit with batching on"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="batch fill wait with batching on"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    backend: str = typer.Option("local", "--backend", help="backends to measure, comma-separated: local, ray"),
+    replicas: str = typer.Option("1", "--replicas", help="ray: replica counts to measure, comma-separated"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (default: a local Ray)"),
 ) -> None:
-    """Worker throughput and p50/p95 latency with batching on and off."""
+    """Worker throughput and p50/p95 latency with batching on and off, per backend."""
     from splitinfer.bench.cloud import BenchSettings, run_cloud_bench
 
     try:
@@ -133,21 +136,34 @@ def bench_cloud_cmd(
         raise UserError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
     if not levels or min(levels) < 1 or seconds <= 0 or max_batch < 1:
         raise UserError("--concurrency values, --seconds and --max-batch must be positive")
+    backends = tuple(b.strip() for b in backend.split(",") if b.strip())
+    if not backends or any(b not in ("local", "ray") for b in backends):
+        raise UserError(f"--backend must be local, ray or both (comma-separated), got {backend!r}")
+    try:
+        counts = tuple(int(r) for r in replicas.split(","))
+    except ValueError:
+        raise UserError(f"--replicas must be comma-separated integers, got {replicas!r}") from None
+    if not counts or min(counts) < 1:
+        raise UserError("--replicas values must be positive")
     result = run_cloud_bench(
-        BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds,
-                      max_batch=max_batch, max_wait_ms=max_wait_ms)
+        BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, backends=backends, replicas=counts, ray_address=ray_address)
     )
     if json_out:
         emit_json(result)
         return
     table = Table(title=f"{result['model']} tail after cut {result['cut']['index']} ({result['cut']['bytes']:,} bytes)")
-    for col in ("batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
+    for col in ("backend", "replicas", "batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
         table.add_column(col, justify="right")
     for r in result["results"]:
-        table.add_row("on" if r["batching"] else "off", str(r["concurrency"]), f"{r['throughput_rps']:.1f}",
-                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_batch']:.1f}")
+        table.add_row(r["backend"], str(r["replicas"]), "on" if r["batching"] else "off", str(r["concurrency"]),
+                      f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_batch']:.1f}")
     console.print(table)
     console.print(f"throughput with / without batching at {max(levels)} clients: {result['speedup_at_max_concurrency']}x")
+    for key, what in (("ray_vs_local_at_max_concurrency", "ray (1 replica) / local"),
+                      ("two_vs_one_replica_at_max_concurrency", "ray 2 / 1 replicas, batching off")):  # fmt: skip
+        if result[key] is not None:
+            console.print(f"{what} at {max(levels)} clients: {result[key]}x")
 
 
 

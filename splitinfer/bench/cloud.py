@@ -1,4 +1,5 @@
-"""`splitinfer bench cloud`: cloud worker throughput and latency with batching on and off.
+"""`splitinfer bench cloud`: cloud worker throughput and latency with batching on and off,
+per backend (``local``: in-process; ``ray``: Ray Serve with 1, 2, ... replicas).
 
 The worker runs in its own process (as in production); this process plays N clients, each
 with its own WebSocket and one request in flight (closed loop), sending head outputs that
@@ -35,7 +36,10 @@ class BenchSettings:
     warmup_s: float = 1.0  # unmeasured traffic first (tail build, caches)
     max_batch: int = 32  # batch limit when batching is on (off: 1)
     max_wait_ms: float = 5.0
-    threads: int | None = None  # torch threads of the worker
+    threads: int | None = None  # torch threads of the worker (ray: of each replica; default 1)
+    backends: tuple[str, ...] = ("local",)  # cloud worker backends to measure
+    replicas: tuple[int, ...] = (1,)  # ray: replica counts to measure (local has one)
+    ray_address: str | None = None  # ray: an existing cluster (default: the worker starts a local Ray)
 
 
 async def _client(
@@ -92,25 +96,61 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
             tensors = split.run_head(x)
             reqs.append(InferRequest(f"bench-{i}", lm.name, model_hash, graph.cut_id(head), tensors, None, "none"))
     results: list[dict[str, Any]] = []
-    for batching in (False, True):
-        args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
-                "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000"]
-        if settings.threads:
-            args += ["--threads", str(settings.threads)]
-        with CloudProcess(*args) as cloud:
-            for clients in settings.concurrency:
-                point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
-                results.append({"batching": batching, **point})
+    for backend, replicas in _setups(settings):
+        for batching in (False, True):
+            args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
+                    "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000", "--backend", backend]
+            if backend == "ray":
+                args += ["--replicas", str(replicas)]
+                if settings.ray_address:
+                    args += ["--ray-address", settings.ray_address]
+            if settings.threads:
+                args += ["--threads", str(settings.threads)]
+            with CloudProcess(*args, timeout_s=300) as cloud:
+                for clients in settings.concurrency:
+                    point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
+                    results.append({"backend": backend, "replicas": replicas, "batching": batching, **point})
+    top = max(settings.concurrency)
     return {
         "model": lm.name,
         "cut": {"index": index, "id": graph.cut_id(head), "bytes": graph.cut_bytes(head)},
         "max_batch": settings.max_batch,
         "max_wait_ms": settings.max_wait_ms,
+        "backends": list(settings.backends),
+        "replicas": list(settings.replicas),
         "results": results,
-        "speedup_at_max_concurrency": _speedup(results, max(settings.concurrency)),
+        "speedup_at_max_concurrency": _speedup(_first_setup(results), top),
         # a lone client: batching must cost nothing (p50 with batching on / off; <= ~1)
-        "lone_client_p50_ratio": _lone_ratio(results),
+        "lone_client_p50_ratio": _lone_ratio(_first_setup(results)),
+        # ray, 1 replica vs local, batching on, at the most clients (target >= 0.9)
+        "ray_vs_local_at_max_concurrency": _ratio(results, top, ("ray", 1, True), ("local", 1, True)),
+        # ray, 2 vs 1 replicas with batching off, at the most clients (target >= 1.5 on 2 cores)
+        "two_vs_one_replica_at_max_concurrency": _ratio(results, top, ("ray", 2, False), ("ray", 1, False)),
     }
+
+
+def _setups(settings: BenchSettings) -> list[tuple[str, int]]:
+    return [(b, r) for b in settings.backends for r in (settings.replicas if b == "ray" else (1,))]
+
+
+def _first_setup(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the first (backend, replicas) measured: what the batching figures compare."""
+    if not results:
+        return results
+    first = (results[0]["backend"], results[0]["replicas"])
+    return [r for r in results if (r["backend"], r["replicas"]) == first]
+
+
+def _ratio(results: list[dict[str, Any]], clients: int, top: tuple, bottom: tuple) -> float | None:
+    """Throughput of setup ``top`` over ``bottom`` ((backend, replicas, batching)) at ``clients``."""
+    def find(key: tuple) -> dict[str, Any] | None:
+        return next((r for r in results if (r["backend"], r["replicas"], r["batching"]) == key
+                     and r["concurrency"] == clients), None)  # fmt: skip
+
+    a, b = find(top), find(bottom)
+    if not a or not b or not b["throughput_rps"]:
+        return None
+    return round(a["throughput_rps"] / b["throughput_rps"], 3)
 
 
 def _lone_ratio(results: list[dict[str, Any]]) -> float | None:

@@ -1,0 +1,330 @@
+"""The ``ray`` backend: tails run on Ray Serve replicas, on as many machines as the cluster has.
+
+This process stays the one worker that edges see (the protocol, limits, authentication,
+de-duplication, metrics and mDNS are unchanged); it is a Ray *driver* that deploys the
+application ``splitinfer-<worker id>`` (one deployment, ``tails``, of
+:class:`~.ray_replica.TailReplica`) and calls it through a ``DeploymentHandle``.
+
+- Without ``ray_address`` it starts a local Ray instance (``ray.init``) and stops it on
+  exit; with one it joins that cluster and, on exit, deletes only its own application.
+- Admission (queue and per-client share) and the order in which calls reach the replicas
+  (:class:`~.fair.FairGate`) are decided here; batching is the replicas' (``@serve.batch``).
+- Faults become explicit answers: a replica that dies mid-call is retried once on another
+  (Ray restarts the dead one), then ``overloaded``; a cluster whose head is gone answers
+  ``overloaded`` at once with that reason (a watchdog checks the head's GCS port); nothing
+  waits past its deadline, or ``backend_timeout_s`` without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from splitinfer.cloud.backends.base import Admission, Backend, DeadlineExceeded, JobResult, Overloaded, client_limit
+from splitinfer.cloud.backends.fair import FairGate
+from splitinfer.cloud.batcher import chunks, merge
+from splitinfer.cloud.config import WorkerConfig
+from splitinfer.cloud.registry import ModelRegistry, Tail
+from splitinfer.errors import UserError
+
+__all__ = ["RayBackend"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEPLOY_TIMEOUT_S = 180.0  # replicas that cannot be placed (too few CPUs) fail the start after this
+TEARDOWN_TIMEOUT_S = 20.0  # leaving a cluster that no longer answers must not hold the exit
+WATCH_EVERY_S = 0.5  # how often the head's GCS port is checked
+RETRY_MIN_S = 0.05  # a call is retried (its replica died) only with at least this much time left
+OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: activations in flight, not a cache
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        registry: ModelRegistry,
+        on_batch: Callable[[int], None] | None = None,
+        on_served: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.on_batch = on_batch
+        self.on_served = on_served  # metrics hook: (replica, node, pid) of each answer
+        self.app_name = f"splitinfer-{config.worker_id}"
+        self.admission = Admission(config.max_queue, client_limit(config.max_batch, config.max_queue, config.client_share))
+        most = config.autoscale[1] if config.autoscale else config.replicas
+        self.max_ongoing = 2 * max(1, config.max_batch)  # per replica: a batch running, the next one gathering
+        self.gate = FairGate(most * self.max_ongoing)
+        self.handle: Any = None
+        self.gcs_address = ""
+        self.down = ""  # why the cluster cannot be used right now ("" while it can)
+        self.served: Counter[str] = Counter()
+        self._owns_ray = False
+        self._watchdog: asyncio.Task | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="exclusive")
+        self._control = _ControlThread()
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        try:
+            await self._control.run(self._deploy, DEPLOY_TIMEOUT_S)
+        except TimeoutError:
+            raise UserError(f"the Ray Serve replicas did not start within {DEPLOY_TIMEOUT_S:.0f} s "
+                            "(does the cluster have the CPUs for them?)") from None
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="ray-watchdog")
+
+    def _deploy(self) -> None:
+        import ray
+        from ray import serve
+
+        from splitinfer.cloud.backends.ray_replica import TailReplica
+
+        cfg = self.config
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a worker
+        # Ray's C++ handler would abort on SIGTERM; the worker's own handler drains and stops Ray
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        # the router asks replicas their queue length within 0.1 s by default: too short on a busy machine
+        os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "0.5")
+        if cfg.ray_address:  # a joined cluster's head may go: answer `overloaded` instead of exiting after 60 s
+            os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(365 * 86400))
+        common: dict[str, Any] = {"namespace": "splitinfer", "logging_level": logging.WARNING, "log_to_driver": False}
+        if cfg.ray_address:
+            try:
+                ray.init(address=cfg.ray_address, **common)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UserError(f"cannot join the Ray cluster at {cfg.ray_address}: {exc}") from None
+        else:
+            most = cfg.autoscale[1] if cfg.autoscale else cfg.replicas
+            cpus = max(os.cpu_count() or 1, int(most * cfg.replica_cpus + 0.999))
+            # address="local": always a new instance, never a cluster already running on this machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, **common)
+            self._owns_ray = True
+        self.gcs_address = ray.get_runtime_context().gcs_address
+        serve.start(proxy_location="Disabled")  # edges reach the tails through this worker only
+        options: dict[str, Any] = {
+            "name": "tails",
+            "ray_actor_options": {"num_cpus": cfg.replica_cpus},
+            "max_ongoing_requests": self.max_ongoing,
+            "health_check_period_s": 2.0,
+            "graceful_shutdown_timeout_s": 5.0,
+        }
+        if cfg.autoscale:
+            low, high = cfg.autoscale
+            options["autoscaling_config"] = {
+                "min_replicas": low,
+                "max_replicas": high,
+                "target_ongoing_requests": max(1, cfg.max_batch),
+                "upscale_delay_s": 2.0,
+                "downscale_delay_s": 30.0,
+            }
+        else:
+            options["num_replicas"] = cfg.replicas
+        hashes = {m.model_id: m.hash for m in self.registry.models.values()}
+        threads = cfg.threads or max(1, int(cfg.replica_cpus))
+        app = serve.deployment(TailReplica).options(**options).bind(
+            list(cfg.models), hashes, cfg.max_batch, cfg.max_wait_ms, threads
+        )
+        self.handle = serve.run(app, name=self.app_name, route_prefix=None)
+        log.info("ray backend: application %s on the cluster at %s", self.app_name, self.gcs_address)
+
+    def drain(self) -> None:
+        pass  # the replicas' batches close on their own wait; nothing is held back here
+
+    async def close(self) -> None:
+        deadline = time.monotonic() + self.config.backend_timeout_s
+        while self.admission.queued and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        try:
+            await self._control.run(self._teardown, TEARDOWN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("leaving the Ray cluster timed out after %.0f s", TEARDOWN_TIMEOUT_S)
+        self._control.stop()
+        self._executor.shutdown(wait=False)
+
+    def _teardown(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        try:
+            if self._owns_ray:
+                serve.shutdown()
+            elif not self.down:
+                serve.delete(self.app_name)  # the cluster stays; only this worker's replicas go
+        except Exception as exc:  # the cluster is gone already: nothing left to remove
+            log.info("ray backend teardown: %s", exc)
+        ray.shutdown()  # stops the local Ray this worker started (raylet, GCS, workers)
+
+    async def _watch(self) -> None:
+        """Mark the cluster down while its head's GCS port refuses connections, so that
+        requests are answered at once rather than at their deadline."""
+        host, _, port = self.gcs_address.rpartition(":")
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+                writer.close()
+                if self.down:
+                    log.warning("ray backend: the head at %s answers again", self.gcs_address)
+                self.down = ""
+            except (OSError, asyncio.TimeoutError) as exc:
+                if not self.down:
+                    log.error("ray backend: the Ray head at %s is gone (%s)", self.gcs_address, exc)
+                self.down = f"the Ray cluster's head at {self.gcs_address} is unreachable; tails cannot run"
+
+    # ------------------------------------------------------------------ work
+    @property
+    def queued(self) -> int:
+        return self.admission.queued
+
+    async def exclusive(self, fn: Callable[[], T]) -> T:
+        # Profiling measures this machine's copy of the model; the replicas keep serving.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def submit(
+        self, tail: Tail, tensors: dict[str, torch.Tensor], batch: int, deadline: float | None, client: str = ""
+    ) -> JobResult:
+        if self.down:
+            raise Overloaded(self.down)
+        with self.admission.hold(client, batch):
+            parts = chunks(tensors, batch, max(1, self.config.max_batch))
+            calls = [self._call(tail, part, n, deadline, client) for part, n in parts]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:  # one chunk failed or the caller went away: drop the rest
+                    t.cancel()
+        return merge(results)
+
+    async def _call(
+        self, tail: Tail, tensors: dict[str, torch.Tensor], samples: int, deadline: float | None, client: str
+    ) -> JobResult:
+        from ray import exceptions as rex
+        from ray.serve import exceptions as sex
+
+        from splitinfer.cloud.backends.ray_replica import TailCall, from_arrays, to_arrays
+
+        enqueued = time.monotonic()
+        limit = deadline if deadline is not None else enqueued + self.config.backend_timeout_s
+        try:
+            async with asyncio.timeout_at(limit):  # the loop's clock is time.monotonic()
+                await self.gate.acquire((tail.model_id, tail.cut_id), client)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while queued") from None
+        try:
+            arrays, dtypes = to_arrays(tensors)
+            hosted = self.registry.models[tail.model_id]
+            call = TailCall(tail.model_id, hosted.hash, tail.cut_id, arrays, dtypes, samples)
+            started = time.monotonic()
+            for attempt in range(2):
+                response = self.handle.infer.remote(call)
+                try:
+                    answer = await asyncio.wait_for(_awaited(response), max(0.001, limit - time.monotonic()))
+                    break
+                except asyncio.TimeoutError:
+                    response.cancel()
+                    if self.down:
+                        raise Overloaded(self.down) from None
+                    if deadline is not None:
+                        raise DeadlineExceeded("deadline passed while the tail ran on a Ray replica") from None
+                    raise Overloaded(f"no answer from the Ray replicas within {self.config.backend_timeout_s:g} s") from None
+                except (rex.RayActorError, sex.ReplicaUnavailableError, rex.WorkerCrashedError, rex.NodeDiedError) as exc:
+                    if self.down:
+                        raise Overloaded(self.down) from None
+                    if attempt == 0 and limit - time.monotonic() > RETRY_MIN_S:
+                        log.warning("ray backend: a replica failed mid-call (%s); retrying once", type(exc).__name__)
+                        continue
+                    raise Overloaded("a tail replica died while running this request; Ray restarts it, retry") from None
+                except sex.BackPressureError:
+                    raise Overloaded("the Ray replicas' queues are full; retry later") from None
+                except rex.RayTaskError as exc:  # our replica code raised: a bug, not load
+                    raise RuntimeError(f"tail replica failed: {exc}") from None
+                except rex.RayError as exc:
+                    raise Overloaded(self.down or f"the Ray cluster failed this call ({type(exc).__name__})") from None
+        finally:
+            self.gate.release()
+        if answer.error:
+            raise RuntimeError(f"tail failed on replica {answer.replica}: {answer.error}")
+        if self.on_batch and answer.batch_size:
+            self.on_batch(answer.batch_size)
+        node = answer.node[:12]
+        self.served[f"{answer.replica}@{node}"] += 1
+        if self.on_served:
+            self.on_served(answer.replica, node, answer.pid)
+        assert answer.outputs is not None
+        return JobResult(
+            from_arrays(answer.outputs, answer.dtypes),
+            queue_ms=(started - enqueued) * 1e3,
+            compute_ms=answer.compute_ms,
+            batch_size=answer.batch_size,
+            served_by=answer.replica,
+            node=node,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "app": self.app_name, "cluster": self.gcs_address,
+                               "local_ray": self._owns_ray, "served": dict(self.served)}  # fmt: skip
+        if self.config.autoscale:
+            out["autoscale"] = list(self.config.autoscale)
+        else:
+            out["replicas"] = self.config.replicas
+        if self.down:
+            out["down"] = self.down
+        return out
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+class _ControlThread:
+    """One long-lived daemon thread for every Ray control call (init, deploy, teardown).
+
+    Long-lived because Ray starts a local instance's processes with PR_SET_PDEATHSIG, which
+    fires when the *thread* that started them ends; a daemon, because a hung call into a
+    cluster that is gone must not hold the process's exit."""
+
+    def __init__(self) -> None:
+        self._jobs: "queue.Queue[tuple[Callable[[], None], asyncio.AbstractEventLoop, asyncio.Future] | None]" = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="ray-control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, loop, done = job
+            try:
+                fn()
+            except BaseException as exc:  # handed to the caller
+                loop.call_soon_threadsafe(lambda e=exc: done.done() or done.set_exception(e))
+            else:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    async def run(self, fn: Callable[[], None], timeout_s: float) -> None:
+        """Run ``fn`` on the thread; TimeoutError if it takes longer than ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._jobs.put((fn, loop, done))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{getattr(fn, '__name__', 'call')} took over {timeout_s:g} s") from None
+
+    def stop(self) -> None:
+        self._jobs.put(None)

@@ -1,0 +1,330 @@
+"""`--backend ray`: tails on Ray Serve replicas, on a real two-node Ray cluster.
+
+The cluster is two `ray start` nodes on this machine (`--num-cpus 1` each), so two
+replicas of one CPU each land one per node. Every process a test starts is killed when
+it ends, pass or fail (each `ray start` in its own session; its descendants by pid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+import ray  # noqa: F401  (the `ray` extra is part of `test`: fail, do not skip, without it)
+import torch
+
+from splitinfer.cloud.process import CloudProcess
+from splitinfer.core.graph import capture
+from splitinfer.core.split import split_model
+from splitinfer.models.loader import load_model, weights_hash
+from splitinfer.wire.protocol import ErrorMessage, InferRequest, InferResult, decode_message, encode_message
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tinycnn"
+RAY = str(Path(sys.executable).parent / "ray")
+# Token authentication, as a real cluster should run: every node and the worker share it.
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+
+
+# ---------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (by parent pid)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    out = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(p)
+    return out
+
+
+class RayNode:
+    """`ray start --block` in its own session; kill() ends it and everything it started."""
+
+    def __init__(self, *args: str, log: Path) -> None:
+        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]  # fmt: skip
+        cmd = [RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *args]
+        for flag in ports:  # two nodes on one machine: no fixed default port may be shared
+            cmd += [flag, str(_free_port())]
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **ENV})  # fmt: skip
+        self.pids: set[int] = set()
+
+    def remember(self) -> None:
+        self.pids |= _descendants(self.proc.pid)
+
+    def kill(self) -> None:
+        self.remember()
+        for sig in (signal.SIGKILL,):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            for p in _alive(self.pids):
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _wait_for_nodes(address: str, count: int, timeout_s: float = 90.0) -> None:
+    code = (f"import ray,time; ray.init(address={address!r}, logging_level='ERROR'); "
+            f"t=time.time()\nwhile len([n for n in ray.nodes() if n['Alive']])<{count} and time.time()-t<{timeout_s}: time.sleep(0.5)\n"
+            f"print(len([n for n in ray.nodes() if n['Alive']]))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 60,
+                         env={**os.environ, **ENV})  # fmt: skip
+    assert out.stdout.strip().endswith(str(count)), out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A Ray head and a second Ray node, one CPU each."""
+    logs = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    nodes = [RayNode("--head", "--port", str(port), "--include-dashboard=false",
+                     "--ray-client-server-port", str(_free_port()), log=logs / "head.log")]  # fmt: skip
+    try:
+        time.sleep(3)
+        nodes.append(RayNode("--address", address, log=logs / "node2.log"))
+        _wait_for_nodes(address, 2)
+        for n in nodes:
+            n.remember()
+        yield {"address": address, "head": nodes[0], "node": nodes[1]}
+    finally:
+        for n in reversed(nodes):
+            n.kill()
+        left = _alive(set().union(*(n.pids for n in nodes)))
+        assert not left, f"ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def tail_request() -> tuple[InferRequest, torch.Tensor]:
+    """A request for the middle cut of MODEL, and the whole model's answer to its input."""
+    lm = load_model(MODEL)
+    gm, graph = capture(lm.module, lm.example_input)
+    head = graph.prefix_head((graph.cloud_only_index + graph.edge_only_index - 1) // 2)
+    split = split_model(gm, graph, head)
+    x = torch.randn(lm.example_input.shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tensors, expected = split.run_head(x), lm.module(x)
+    return InferRequest("r", lm.name, weights_hash(lm.module), graph.cut_id(head), tensors, None, "none"), expected
+
+
+async def _post(session: aiohttp.ClientSession, url: str, req: InferRequest) -> InferResult | ErrorMessage:
+    async with session.post(url + "/v1/infer", data=encode_message(req)) as resp:
+        msg = decode_message(await resp.read())
+    assert isinstance(msg, (InferResult, ErrorMessage))
+    return msg
+
+
+def _served(metrics: str) -> dict[tuple[str, str, str], float]:
+    """(replica, node, pid) -> answers, from /metrics."""
+    out = {}
+    for m in re.finditer(r'splitinfer_backend_answers_total\{node="([^"]*)",pid="([^"]*)",replica="([^"]*)"\} (\S+)', metrics):
+        out[(m.group(3), m.group(1), m.group(2))] = float(m.group(4))
+    return out
+
+
+async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, str, str], float]:
+    async with session.get(url + "/metrics") as resp:
+        return _served(await resp.text())
+
+
+def _ray_worker(cluster: dict, *args: str) -> CloudProcess:
+    return CloudProcess("--model", MODEL, "--backend", "ray", "--ray-address", cluster["address"], "--replicas", "2",
+                        *args, timeout_s=240, env=ENV)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- tests
+def test_backend_options_are_checked(cloud_process) -> None:
+    from typer.testing import CliRunner
+
+    from splitinfer.cli import app
+
+    runner = CliRunner()
+    for args, why in [(["--replicas", "2"], "need --backend ray"), (["--backend", "spark"], "--backend must be"),
+                      (["--backend", "ray", "--autoscale", "3:1"], "--autoscale needs"),
+                      (["--backend", "ray", "--autoscale", "x"], "MIN:MAX")]:  # fmt: skip
+        result = runner.invoke(app, ["cloud", "--model", MODEL, *args])
+        assert result.exit_code != 0 and why in result.output + str(result.exception), result.output
+
+
+def test_two_nodes_serve_as_one_worker(cluster: dict, tail_request, cloud_process) -> None:
+    req, expected = tail_request
+    local = cloud_process("--model", MODEL)
+    with _ray_worker(cluster, "--max-batch", "4") as cloud:
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(cloud.url + "/v1/models") as r1, s.get(local.url + "/v1/models") as r2:
+                    ray_models, local_models = await r1.json(), await r2.json()
+                assert ray_models["models"] == local_models["models"]  # hashes, every cut: one worker to an edge
+                answers = await asyncio.gather(*(_post(s, cloud.url, replace(req, id=f"a{i}")) for i in range(48)))
+                for a in answers:
+                    assert isinstance(a, InferResult), a
+                    torch.testing.assert_close(a.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+                served = await _metrics(s, cloud.url)
+                assert len({node for _, node, _ in served}) == 2, served  # both nodes answered
+                assert sum(served.values()) == 48
+                async with s.get(cloud.url + "/healthz") as r:
+                    backend = (await r.json())["backend"]
+                assert backend["name"] == "ray" and backend["replicas"] == 2 and not backend["local_ray"]
+
+        asyncio.run(run())
+        assert cloud.terminate() == 0
+
+
+def test_replica_sigkilled_mid_load(cluster: dict, tail_request) -> None:
+    """Every request gets an answer or an explicit error by its deadline; the edge-like
+    client retries with the same id; Ray restarts the replica."""
+    req, expected = tail_request
+    deadline_ms = 3000.0
+    with _ray_worker(cluster, "--max-batch", "2") as cloud:
+
+        async def client(s: aiohttp.ClientSession, n: int, stop: asyncio.Event, out: list) -> None:
+            i = 0
+            while not stop.is_set():
+                one = replace(req, id=f"c{n}-{i}-{uuid.uuid4().hex[:6]}", deadline_ms=deadline_ms)
+                start = time.monotonic()
+                for _attempt in range(3):  # the edge's retry: same id, same tensors
+                    msg = await _post(s, cloud.url, one)
+                    if isinstance(msg, InferResult) or not msg.code.worker_failure:
+                        break
+                out.append((msg, (time.monotonic() - start) * 1e3))
+                i += 1
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                await asyncio.gather(*(_post(s, cloud.url, replace(req, id=f"w{i}")) for i in range(8)))
+                before = await _metrics(s, cloud.url)
+                victim = int(sorted(before)[0][2])
+                stop, out = asyncio.Event(), []
+                clients = [asyncio.create_task(client(s, n, stop, out)) for n in range(6)]
+                await asyncio.sleep(1.0)
+                os.kill(victim, signal.SIGKILL)
+                await asyncio.sleep(4.0)
+                stop.set()
+                await asyncio.gather(*clients)
+                results = [m for m, _ in out if isinstance(m, InferResult)]
+                errors = [m for m, _ in out if isinstance(m, ErrorMessage)]
+                assert results, errors[:3]
+                for m in results:
+                    torch.testing.assert_close(m.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+                assert all(m.message for m in errors)  # explicit, with a reason
+                # one retry per attempt at most: bounded by 3 deadlines, never a hang
+                assert max(ms for _, ms in out) < 3 * deadline_ms + 2000
+                # Ray restarts the replica: a new pid answers
+                old = {pid for (_r, _n, pid) in before}
+                new: set[str] = set()
+                t0 = time.monotonic()
+                while not new and time.monotonic() - t0 < 90:
+                    await asyncio.gather(*(_post(s, cloud.url, replace(req, id=uuid.uuid4().hex)) for _ in range(8)))
+                    new = {pid for (_r, _n, pid) in await _metrics(s, cloud.url)} - old
+                    await asyncio.sleep(0.5)
+                assert new and str(victim) not in new
+
+        asyncio.run(run())
+        assert cloud.terminate() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_local_ray_started_and_stopped_with_the_worker(sig: int, tail_request) -> None:
+    """Without --ray-address the worker starts its own Ray and leaves nothing running."""
+    req, expected = tail_request
+    cloud = CloudProcess("--model", MODEL, "--backend", "ray", "--replicas", "1", timeout_s=240, env=ENV)
+    try:
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                a = await _post(s, cloud.url, replace(req, id="local"))
+                assert isinstance(a, InferResult), a
+                torch.testing.assert_close(a.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+
+        asyncio.run(run())
+        started = _descendants(cloud.pid)
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in _alive(started)}
+        assert {"raylet", "gcs_server"} <= names, names
+        cloud.signal(sig)
+        assert cloud.proc.wait(timeout=60) == 0
+        time.sleep(1.0)
+        assert not _alive(started), [Path(f"/proc/{p}/comm").read_text() for p in _alive(started)]
+    finally:
+        leftover = _alive(_descendants(cloud.pid)) if cloud.proc.poll() is None else set()
+        cloud.kill()
+        for p in leftover:
+            os.kill(p, signal.SIGKILL)
+
+
+def test_ray_head_gone(cluster: dict, tail_request) -> None:
+    """Last (it ends the cluster): the worker answers `overloaded` with the reason, at once,
+    and an edge with a fallback answers from it."""
+    from splitinfer.edge.agent import AgentConfig, EdgeAgent, request_input
+
+    req, _ = tail_request
+    with _ray_worker(cluster) as cloud:
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                assert isinstance(await _post(s, cloud.url, replace(req, id="before")), InferResult)
+                cluster["node"].kill()
+                cluster["head"].kill()
+                await asyncio.sleep(2.0)  # the watchdog looks every 0.5 s
+                start = time.monotonic()
+                msg = await _post(s, cloud.url, replace(req, id="after", deadline_ms=2000.0))
+                assert isinstance(msg, ErrorMessage) and str(msg.code) in ("overloaded", "internal"), msg
+                assert "Ray" in msg.message and time.monotonic() - start < 2.5, msg.message
+            cfg = AgentConfig(model=MODEL, cloud=cloud.url, cut="cloud", deadline_ms=500.0,
+                              fallback="student:tinycnn", warmup=0)  # fmt: skip
+            async with EdgeAgent(cfg) as agent:
+                x = request_input(agent.runner.loaded, 0)
+                answers = [await agent.infer(x) for _ in range(3)]
+            assert all(a.ok and a.source == "fallback" for a in answers), answers
+
+        asyncio.run(run())
+        assert cloud.terminate(timeout_s=60) == 0  # and it still exits cleanly

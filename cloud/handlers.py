@@ -262,7 +262,7 @@ async def models(request: web.Request) -> web.Response:
         {
             "protocol_version": PROTOCOL_VERSION,
             "worker_id": service.config.worker_id,
-            "models": [m.describe() for m in service.registry.models.values()],
+            "models": service.registry.describe_all(),
         }
     )
 
@@ -314,6 +314,7 @@ async def healthz(request: web.Request) -> web.Response:
             "worker_id": service.config.worker_id,
             "models": sorted(service.registry.models),
             "queue_depth": service.queue_depth,
+            "backend": service.backend.describe(),
         }
     )
 

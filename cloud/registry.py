@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from splitinfer.core.graph import Graph, capture
 from splitinfer.models.loader import LoadedModel, load_model, weights_hash
-from splitinfer.errors import ErrorCode
+from splitinfer.errors import ErrorCode, UserError
 from splitinfer.core.split import SplitModel, split_model
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class HostedModel:
             "cuts": [
                 {"index": i, "id": g.cut_id(g.prefix_head(i))}
                 for i in range(g.cloud_only_index, g.edge_only_index)
+                if g.is_candidate(i)
             ],
         }
 
@@ -81,10 +82,22 @@ class ModelRegistry:
 
     def __init__(self, model_specs: list[str], max_tails: int = 64):
         self.models: dict[str, HostedModel] = {}
+        # Models that could not be loaded or captured, with the one-line reason: reported
+        # for themselves (/v1/models), while the others serve.
+        self.failed: dict[str, str] = {}
         for spec in model_specs:
-            lm = load_model(spec)
-            gm, graph = capture(lm.module, lm.example_input)
-            self.models[lm.name] = HostedModel(lm.name, lm, gm, graph, weights_hash(lm.module))
+            try:
+                lm = load_model(spec)
+                gm, graph = capture(lm.module, lm.example_input)
+                self.models[lm.name] = HostedModel(lm.name, lm, gm, graph, weights_hash(lm.module))
+            except Exception as exc:  # UserError, or anything a user's model raises while built
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if not isinstance(exc, UserError):
+                    reason = f"{type(exc).__name__}: {reason}"
+                log.error("model %s cannot be served: %s", spec, reason)
+                self.failed[spec] = reason
+        if model_specs and not self.models:
+            raise UserError("no model can be served: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
         self._tails: OrderedDict[tuple[str, str], Tail] = OrderedDict()
         self._max_tails = max_tails
         self._lock = threading.Lock()  # tails are built in worker threads
@@ -92,6 +105,8 @@ class ModelRegistry:
     def model(self, model_id: str, model_hash: str) -> HostedModel:
         hosted = self.models.get(model_id)
         if hosted is None:
+            if model_id in self.failed:
+                raise LookupFailed(ErrorCode.UNKNOWN_MODEL, f"model {model_id!r} failed to load here: {self.failed[model_id]}")
             raise LookupFailed(ErrorCode.UNKNOWN_MODEL, f"unknown model {model_id!r}; this worker serves {sorted(self.models)}")
         if model_hash and model_hash != hosted.hash:
             raise LookupFailed(
@@ -120,6 +135,19 @@ class ModelRegistry:
             while len(self._tails) > self._max_tails:
                 self._tails.popitem(last=False)
         return tail
+
+    def describe_all(self) -> list[dict]:
+        """Every model for /v1/models: a description, or its id and error when it cannot be
+        described or was not built. One broken model never hides the others."""
+        out: list[dict] = []
+        for hosted in self.models.values():
+            try:
+                out.append(hosted.describe())
+            except Exception as exc:  # e.g. an output that is not a tensor
+                log.warning("cannot describe %s: %s", hosted.model_id, exc)
+                out.append({"id": hosted.model_id, "error": f"cannot describe the model: {type(exc).__name__}: {exc}"})
+        out.extend({"id": spec, "error": reason} for spec, reason in self.failed.items())
+        return out
 
     @property
     def tail_count(self) -> int:

@@ -5,9 +5,18 @@ else is the *tail*, run in the cloud. What crosses the cut is every tensor produ
 head and consumed in the tail, so one cut can carry several tensors (inside a residual
 block, across parallel branches).
 
-Nodes are the tensor-producing fx nodes in topological order. Parameters and buffers
-(`get_attr` nodes) are not nodes here: both halves hold their own copy of the weights, so
-they never cross a cut.
+Nodes are the fx nodes in topological order. Parameters and buffers (`get_attr` nodes)
+are not nodes here: both halves hold their own copy of the weights, so they never cross a
+cut. Two kinds of nodes never cross either:
+
+- *checks*: nodes that reach no output (``torch._assert``, ``_assert_tensor_metadata`` and
+  the ints they test). A check runs in the head when all its inputs are there, else in the
+  tail; it is never part of a cut's name.
+- *values* that are not tensors (ints from ``x.shape``, symbolic sizes, the tuple of a
+  ``split``): the tail recomputes one it needs, and a head tensor it is computed from is
+  sent with the cut (for an int read off the input ids, the ids: a few bytes).
+
+Tracing lives in `splitinfer.core.tracing`; `capture` here records shapes and bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from splitinfer.core.tracing import Example, flat_inputs, trace_module
 from splitinfer.errors import UserError
 
 EDGE_ONLY = "edge"
@@ -76,6 +86,7 @@ class Graph:
     _consumers: dict[str, tuple[str, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _live: dict[str, None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for i, n in enumerate(self.nodes):
@@ -85,6 +96,11 @@ class Graph:
             for src in n.inputs:
                 consumers[src].append(n.name)
         self._consumers.update({k: tuple(v) for k, v in consumers.items()})
+        live = set(self.outputs)
+        for n in reversed(self.nodes):  # a node is live when it feeds an output
+            if n.name in live:
+                live.update(n.inputs)
+        self._live.update(dict.fromkeys(live))
 
     # -- lookups ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -124,25 +140,81 @@ class Graph:
         h.update(repr(self.outputs).encode())
         return h.hexdigest()[:16]
 
+    def is_check(self, name: str) -> bool:
+        """True for a node that reaches no output: an assert, or a value only an assert reads."""
+        return name not in self._live
+
+    @property
+    def checks(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes if n.name not in self._live)
+
     # -- cuts ------------------------------------------------------------------------
     def is_downward_closed(self, head: Iterable[str]) -> bool:
         hs = set(head)
         return all(src in hs for name in hs for src in self.node(name).inputs)
 
-    def crossing(self, head: Iterable[str]) -> list[str]:
-        """Tensors that must be sent for this head: produced in it, read outside it.
-
-        An empty list means the head computes the whole output (edge-only)."""
-        hs = set(head)
+    def _crossing_values(self, hs: set[str]) -> list[str]:
+        """Live nodes of the head that the tail reads (tensors or not), in topological order."""
         if all(o in hs for o in self.outputs):
             return []
-        out = []
-        for n in self.nodes:
-            if n.name in hs and (
-                n.name in self.outputs or any(c not in hs for c in self.consumers(n.name))
-            ):
-                out.append(n.name)
-        return out
+        outputs = set(self.outputs)
+        return [
+            n.name
+            for n in self.nodes
+            if n.name in hs
+            and n.name in self._live
+            and (n.name in outputs or any(c not in hs and c in self._live for c in self.consumers(n.name)))
+        ]
+
+    def _cut_values(self, hs: set[str]) -> tuple[list[str], list[str]]:
+        """(tensors sent, non-tensor values the tail computes again), in topological order.
+
+        A non-tensor value the tail reads (an int from ``x.shape``, a tuple from ``split``)
+        is recomputed there from its inputs; a head tensor it reads is sent for it."""
+        values = self._crossing_values(hs)
+        sent = {v for v in values if self.node(v).is_tensor}
+        redo: set[str] = set()
+        stack = [v for v in values if v not in sent]
+        while stack:
+            name = stack.pop()
+            if name in redo:
+                continue
+            redo.add(name)
+            for i in self.node(name).inputs:
+                if i in hs and i not in sent:
+                    if self.node(i).is_tensor:
+                        sent.add(i)
+                    else:
+                        stack.append(i)
+        if not sent and not redo:
+            return [], []
+        return [n for n in self.names if n in sent], [n for n in self.names if n in redo]
+
+    def crossing(self, head: Iterable[str]) -> list[str]:
+        """Tensors that must be sent for this head: produced in it, read outside it (or
+        read by a non-tensor value the tail recomputes).
+
+        Checks and non-tensor values never cross (see the module docstring). An empty list
+        means the head computes the whole output (edge-only)."""
+        return self._cut_values(set(head))[0]
+
+    def recomputed(self, head: Iterable[str]) -> list[str]:
+        """Non-tensor head values the tail computes again from the tensors sent, in order."""
+        return self._cut_values(set(head))[1]
+
+    def is_valid_cut(self, head: Iterable[str]) -> bool:
+        """Downward-closed: every cut of a captured graph sends tensors only (see crossing)."""
+        return self.is_downward_closed(head)
+
+    def is_candidate(self, index: int) -> bool:
+        """Whether the prefix ending at node `index` is listed as a cut.
+
+        A prefix that ends on a check or a non-tensor value names the same cut as the one
+        before it: it is left out. The first (cloud-only) and last (edge-only) always count."""
+        if index <= self.cloud_only_index or index == self.edge_only_index:
+            return True
+        node = self.nodes[index]
+        return node.name in self._live and node.is_tensor
 
     def prefix_head(self, index: int) -> frozenset[str]:
         """The head made of the first index+1 nodes of the topological order."""
@@ -158,12 +230,22 @@ class Graph:
     def edge_only_index(self) -> int:
         return len(self.nodes) - 1
 
+    def _with_checks(self, head: set[str]) -> frozenset[str]:
+        """The head plus every check whose inputs are all in it (they stay with their inputs)."""
+        for n in self.nodes:
+            if n.name not in self._live and n.name not in head and all(i in head for i in n.inputs):
+                head.add(n.name)
+        return frozenset(head)
+
     def head_from_crossing(self, tensors: Iterable[str]) -> frozenset[str]:
-        """The smallest head whose crossing set is `tensors`: their ancestors, inputs included."""
+        """The smallest head whose crossing set is `tensors`: their ancestors, inputs included,
+        and the checks that read only head values."""
         wanted = list(tensors)
         for t in wanted:
             if t not in self._index:
                 raise UserError(f"unknown tensor {t!r} in cut")
+            if not self.node(t).is_tensor or t not in self._live:
+                raise UserError(f"{t!r} is not a tensor that can cross a cut")
         head: set[str] = set(self.placeholders)
         stack = list(wanted)
         while stack:
@@ -172,7 +254,22 @@ class Graph:
                 continue
             head.add(name)
             stack.extend(self.node(name).inputs)
-        return frozenset(head)
+        return self._with_checks(head)
+
+    def canonical_head(self, head: Iterable[str]) -> frozenset[str]:
+        """The one head that every head with the same crossing tensors stands for."""
+        hs = set(head)
+        if not self.crossing(hs):
+            return frozenset(self.names)
+        if self.is_cloud_only(hs):
+            return self._with_checks(set(self.placeholders))
+        return self.head_from_crossing(self.crossing(hs))
+
+    def is_cloud_only(self, head: Iterable[str]) -> bool:
+        """True when the head computes nothing but the inputs (checks on them aside)."""
+        ph = set(self.placeholders)
+        hs = set(head)
+        return {n for n in hs if n in self._live} <= ph
 
     def cut_id(self, head: Iterable[str]) -> str:
         """A cut's name on the wire: 'edge', 'cloud', or its crossing tensors joined by ','."""
@@ -180,7 +277,7 @@ class Graph:
         crossing = self.crossing(hs)
         if not crossing:
             return EDGE_ONLY
-        if set(crossing) == set(self.placeholders) and hs == set(self.placeholders):
+        if self.is_cloud_only(hs):
             return CLOUD_ONLY
         return ",".join(crossing)
 
@@ -189,7 +286,7 @@ class Graph:
         if cut_id == EDGE_ONLY:
             return frozenset(self.names)
         if cut_id == CLOUD_ONLY:
-            return frozenset(self.placeholders)
+            return self._with_checks(set(self.placeholders))
         if cut_id.isdigit():
             return self.prefix_head(int(cut_id))
         return self.head_from_crossing(cut_id.split(","))
@@ -235,27 +332,15 @@ def _flatten_nodes(arg: object) -> list[fx.Node]:
     return found
 
 
-def trace(module: torch.nn.Module) -> fx.GraphModule:
-    """Symbolically trace a module; a clear UserError when the model cannot be traced."""
-    try:
-        return fx.symbolic_trace(module)
-    except Exception as exc:  # torch.fx raises many kinds of errors on dynamic control flow
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"cannot trace the model with torch.fx ({type(exc).__name__}: {first}); "
-            "models with data-dependent control flow are not supported"
-        ) from None
+def capture(module: torch.nn.Module, example_input: Example) -> tuple[fx.GraphModule, Graph]:
+    """Trace `module` (core.tracing) and record every node's output shape and bytes.
 
-
-def capture(module: torch.nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Graph]:
-    """Trace `module` and record every node's output shape and bytes for `example_input`."""
-    gm = trace(module)
-    # Nodes that feed no output would make cuts ambiguous; fx drops them without changing results.
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    `example_input` is a tensor, a tuple of tensors, or a dict of tensors by argument name;
+    the graph's placeholders take them positionally in that order (`tracing.flat_inputs`)."""
+    gm, tracer = trace_module(module, example_input)
+    gm.meta["splitinfer_tracer"] = tracer
     with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+        ShapeProp(gm).propagate(*flat_inputs(example_input))
     nodes: list[GraphNode] = []
     outputs: tuple[str, ...] = ()
     for n in gm.graph.nodes:
@@ -274,6 +359,8 @@ def capture(module: torch.nn.Module, example_input: torch.Tensor | tuple[torch.T
             for s in shape:  # type: ignore[union-attr]
                 numel *= s
             nbytes = numel * torch.empty((), dtype=meta.dtype).element_size()
+        if n.op == "placeholder" and not is_tensor:
+            raise UserError(f"model input {n.target!r} is not a tensor: bind it in the builder")
         inputs_ = tuple(
             dict.fromkeys(p.name for p in _flatten_nodes((n.args, n.kwargs)) if p.op != "get_attr")
         )

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 
 from splitinfer.core.costmodel import NO_CODEC, Breakdown, CodecCost, Link, combine, predict, upload_ms
+from splitinfer.core.energy import EnergyBreakdown, PowerProfile
+from splitinfer.core.memory import MemoryBudget
 from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, cut_kind
 from splitinfer.core.profile import Profile
+from splitinfer.core.partitioner_objective import ObjectiveMixin
 
 _SOURCE = "__edge__"
 _SINK = "__cloud__"
@@ -49,10 +53,16 @@ class CutPlan:
     tensors: tuple[str, ...]
     bytes: int
     breakdown: Breakdown
+    energy: EnergyBreakdown | None = None  # the energy model's view of the same request
+    memory_bytes: int | None = None  # head weights + peak activations, under a memory budget
 
     @property
     def predicted_ms(self) -> float:
         return self.breakdown.total_ms
+
+    @property
+    def energy_mj(self) -> float:
+        return self.energy.total_mj if self.energy is not None else math.nan
 
     def to_json(self) -> dict:
         return {
@@ -63,7 +73,17 @@ class CutPlan:
             "bytes": self.bytes,
             "predicted_ms": round(self.predicted_ms, 4),
             "breakdown": self.breakdown.to_json(),
+            **self._energy_json(),
         }
+
+    def _energy_json(self) -> dict:
+        d: dict = {}
+        if self.energy is not None:
+            d["energy_mj"] = round(self.energy.total_mj, 4)
+            d["energy"] = self.energy.to_json()
+        if self.memory_bytes is not None:
+            d["memory_bytes"] = self.memory_bytes
+        return d
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,8 @@ class EnvelopeEntry:
         d = self.cut.to_json()
         d.pop("predicted_ms")
         d.pop("breakdown")
+        d.pop("energy", None)
+        d.pop("energy_mj", None)
         return {"from_mbit": round(self.from_mbit, 6), "to_mbit": round(self.to_mbit, 6), **d}
 
 
@@ -89,6 +111,10 @@ class Plan:
     candidates: tuple[CutPlan, ...]
     envelope: tuple[EnvelopeEntry, ...] | None = None
     codec: CodecCost = field(default=NO_CODEC)
+    objective: str = "latency"
+    deadline_ms: float | None = None
+    power: PowerProfile | None = None
+    memory_limit_bytes: int | None = None
 
     @property
     def predicted_ms(self) -> float:
@@ -106,19 +132,39 @@ class Plan:
         }
         if self.envelope is not None:
             d["envelope"] = [e.to_json() for e in self.envelope]
+        d["energy_mj"] = round(self.cut.energy_mj, 4) if self.cut.energy is not None else None
+        d["objective"] = self.objective
+        if self.deadline_ms is not None:
+            d["deadline_ms"] = self.deadline_ms
+        if self.power is not None:
+            d["power"] = {"device_class": self.power.device_class, "link_type": self.power.link_type}
+        if self.memory_limit_bytes is not None:
+            d["edge_memory_bytes"] = self.memory_limit_bytes
         return d
 
 
-class Partitioner:
+class Partitioner(ObjectiveMixin):
     """Plans cuts for one (edge profile, cloud profile) pair at any link."""
 
-    def __init__(self, edge: Profile, cloud: Profile, codec: CodecCost = NO_CODEC):
+    def __init__(
+        self,
+        edge: Profile,
+        cloud: Profile,
+        codec: CodecCost = NO_CODEC,
+        *,
+        power: PowerProfile | None = None,  # None: the edge profile's recorded one, else the default class
+        objective: str = "latency",  # latency | energy | edp (core.energy.OBJECTIVES)
+        deadline_ms: float | None = None,  # a constraint: the objective's best cut predicted this fast
+        memory: MemoryBudget | None = None,  # only heads that fit (core.memory)
+        latency_weight: float = 0.0,  # energy objective: minimise energy + this x latency (mJ per ms)
+    ):
         edge.check_compatible(cloud)
         self.edge = edge
         self.cloud = cloud
         self.codec = codec
         self.graph: Graph = edge.graph
         self.chains = self._chains()
+        self._init_objective(power, objective, deadline_ms, memory, latency_weight)
 
     # -- describing cuts ---------------------------------------------------------------
     def describe(
@@ -136,11 +182,11 @@ class Partitioner:
         tensors = tuple(g.crossing(head)) if crossing is None else crossing
         if not tensors:
             cut_id = EDGE_ONLY
-        elif set(tensors) == set(g.placeholders) and len(head) == len(g.placeholders):
+        elif g.is_cloud_only(head):
             cut_id = CLOUD_ONLY
         else:
             cut_id = ",".join(tensors)
-        return CutPlan(
+        return self._finish(CutPlan(
             head=head,
             id=cut_id,
             index=g.prefix_index_of(head) if index is None else index,
@@ -148,10 +194,11 @@ class Partitioner:
             tensors=tensors,
             bytes=sum(g.node(t).nbytes for t in tensors),
             breakdown=breakdown or predict(head, self.edge, self.cloud, link, self.codec),
-        )
+        ))
 
     def candidates(self, link: Link) -> list[CutPlan]:
-        """Every prefix of the topological order, from cloud-only to edge-only.
+        """Every valid prefix of the topological order, from cloud-only to edge-only
+        (Graph.is_candidate: checks and non-tensor values never cross).
 
         Sums are kept running so the whole list costs O(nodes + edges)."""
         g = self.graph
@@ -165,26 +212,35 @@ class Partitioner:
             head.add(n.name)
             edge_ms += self.edge.node_ms[n.name]
             cloud_in_head += self.cloud.node_ms[n.name]
+            if g.is_check(n.name):
+                continue  # checks are never sent and never keep their inputs crossing
             for src in n.inputs:  # an input stops crossing once all its readers are in the head
-                if src in crossing and all(c in head for c in g.consumers(src)) and src not in g.outputs:
+                if src in crossing and src not in g.outputs and all(
+                    c in head for c in g.consumers(src) if not g.is_check(c)
+                ):
                     del crossing[src]
                     sent -= g.node(src).nbytes
             crossing[n.name] = None
             sent += n.nbytes
-            if i < g.cloud_only_index:
+            if i < g.cloud_only_index or not g.is_candidate(i):
                 continue
             frozen = frozenset(head)
             local = all(o in head for o in g.outputs)
+            tensors = tuple(crossing)
+            sent_bytes = sent
+            if not all(g.node(t).is_tensor for t in tensors):  # ints the tail recomputes
+                tensors = tuple(g.crossing(frozen))
+                sent_bytes = sum(g.node(t).nbytes for t in tensors)
             bd = combine(
                 edge_ms=self.edge.total_ms if local else edge_ms,
                 cloud_ms=total_cloud - cloud_in_head,
-                sent_bytes=sent,
+                sent_bytes=sent_bytes,
                 return_bytes=g.output_bytes,
                 link=link,
                 codec=self.codec,
                 local=local,
             )
-            out.append(self.describe(frozen, link, bd, crossing=() if local else tuple(crossing), index=i))
+            out.append(self.describe(frozen, link, bd, crossing=() if local else tensors, index=i))
         return out
 
     # -- the exact optimum -------------------------------------------------------------
@@ -197,10 +253,12 @@ class Partitioner:
         fixed = set(g.outputs) | set(g.placeholders)
         units: list[list[str]] = []
         for n in g.nodes:
+            if g.is_check(n.name):
+                continue  # not in the flow graph: checks follow their inputs (Graph.canonical_head)
             inputs = set(n.inputs)
             if units and n.name not in fixed and len(inputs) == 1:
                 prev = units[-1][-1]
-                if prev in inputs and prev not in fixed and len(g.consumers(prev)) == 1:
+                if prev in inputs and prev not in fixed and len(self._live_consumers(prev)) == 1:
                     units[-1].append(n.name)
                     continue
             units.append([n.name])
@@ -245,7 +303,7 @@ class Partitioner:
                     fg.add_edge(entry, exit_, capacity=_units(best))
                 else:
                     fg.add_edge(entry, exit_)
-            consumers = g.consumers(exit_)
+            consumers = self._live_consumers(exit_)
             for c in consumers:
                 fg.add_edge(c, exit_)  # c on the edge => its input on the edge
             if not consumers:
@@ -279,25 +337,41 @@ class Partitioner:
                 head.update(unit)
             elif entry in edge_side:
                 head.update(inner_cut[(entry, exit_)])
-        # Drop nodes the tail does not need and that feed nothing sent: same cost or less.
-        return g.head_from_crossing(g.crossing(head))
+        # Drop nodes the tail does not need and that feed nothing sent: same cost or less;
+        # checks whose inputs are all in the head join it.
+        return g.canonical_head(head)
+
+    def _live_consumers(self, name: str) -> tuple[str, ...]:
+        return tuple(c for c in self.graph.consumers(name) if not self.graph.is_check(c))
 
     def best(self, link: Link) -> CutPlan:
+        if self._constrained:  # another objective, a deadline or a memory budget: see objective_best
+            return self.objective_best(link)
         edge_only = self.describe(frozenset(self.graph.names), link)
         split_head = self.best_split(link)
         if split_head is None:
             return edge_only
         split = self.describe(split_head, link)
-        return split if split.predicted_ms < edge_only.predicted_ms else edge_only
+        chosen = split if split.predicted_ms < edge_only.predicted_ms else edge_only
+        # Never worse than a cut the plan lists: the min-cut is exact over the cuts that
+        # send no value it must recompute; a listed prefix may recompute an int in the tail.
+        for cand in self.candidates(link):
+            if cand.predicted_ms < chosen.predicted_ms - 1e-9:
+                chosen = cand
+        return chosen
 
     def plan(self, link: Link, *, envelope: bool = False) -> Plan:
         return Plan(
             model=self.edge.model,
             link=link,
             cut=self.best(link),
-            candidates=tuple(self.candidates(link)),
+            candidates=tuple(self.feasible(self.candidates(link))),
             envelope=tuple(self.envelope(link)) if envelope else None,
             codec=self.codec,
+            objective=self.objective,
+            deadline_ms=self.deadline_ms,
+            power=self.power,
+            memory_limit_bytes=self.memory.limit_bytes if self.memory is not None else None,
         )
 
     # -- which cut wins at which bandwidth ---------------------------------------------
@@ -308,7 +382,11 @@ class Partitioner:
 
         Every cut's latency is a + b/bandwidth, a line in x = 1/bandwidth, so the optimum
         is the lower envelope of lines: found exactly by bisecting at the intersections of
-        the winners at both ends (a cut optimal at both ends of an interval wins inside)."""
+        the winners at both ends (a cut optimal at both ends of an interval wins inside).
+        Energy (and energy + w x latency) is a line in x too; EDP and a deadline are not:
+        their envelope is sampled (objective_envelope)."""
+        if not self._line_objective:
+            return [EnvelopeEntry(a, b, c) for a, b, c in self.objective_envelope(link, lo_mbit, hi_mbit)]
 
         def at(mbit: float) -> Link:
             down = link.downlink_mbit  # a fixed downlink stays fixed; otherwise it follows
@@ -316,8 +394,8 @@ class Partitioner:
 
         def line(cut: CutPlan) -> tuple[float, float]:
             # latency(x) = a + b*x with x = 1/mbit; measured at two points of the cost model
-            y1 = predict(cut.head, self.edge, self.cloud, at(1.0), self.codec).total_ms
-            y2 = predict(cut.head, self.edge, self.cloud, at(2.0), self.codec).total_ms
+            y1 = self.line_value(cut.head, at(1.0))
+            y2 = self.line_value(cut.head, at(2.0))
             b = (y1 - y2) / 0.5
             return y1 - b, b
 
@@ -360,7 +438,9 @@ class Partitioner:
 
 
 def partition(
-    edge: Profile, cloud: Profile, link: Link, *, codec: CodecCost = NO_CODEC, envelope: bool = False
+    edge: Profile, cloud: Profile, link: Link, *, codec: CodecCost = NO_CODEC, envelope: bool = False,
+    **objective: Any,
 ) -> Plan:
-    """One call for scripts: the best cut, all candidates, and optionally the envelope."""
-    return Partitioner(edge, cloud, codec).plan(link, envelope=envelope)
+    """One call for scripts: the best cut, all candidates, and optionally the envelope
+    (``objective``: Partitioner's power, objective, deadline_ms, memory)."""
+    return Partitioner(edge, cloud, codec, **objective).plan(link, envelope=envelope)

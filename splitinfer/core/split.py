@@ -7,13 +7,19 @@ keeps only the submodules and weights it uses.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from splitinfer.core.graph import Graph
+from splitinfer.core.graph import CLOUD_ONLY, Graph
+from splitinfer.core.tracing import max_abs_diff
+
+__all__ = ["SplitModel", "split_model", "outputs_dict", "max_abs_diff"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,7 +51,7 @@ class SplitModel:
 def _copy_nodes(
     src: fx.GraphModule, dst: fx.Graph, keep: set[str], env: dict[str, fx.Node]
 ) -> None:
-    """Copy the nodes named in `keep` (and the get_attr nodes they read) into dst."""
+    """Copy the nodes named in `keep` (and the get_attr nodes they read) into dst, in order."""
     attrs = {n.name: n for n in src.graph.nodes if n.op == "get_attr"}
 
     def lookup(n: fx.Node) -> fx.Node:
@@ -58,10 +64,29 @@ def _copy_nodes(
             env[n.name] = dst.node_copy(n, lookup)
 
 
+def _tail_checks(graph: Graph, head: frozenset[str], available: set[str]) -> set[str]:
+    """Checks left to the tail that it can run; one reading a head value that is not sent is
+    dropped: it would make a tensor cross only to be checked."""
+    keep: set[str] = set()
+    for name in graph.checks:
+        if name in head:
+            continue
+        if all(i in available or i in keep for i in graph.node(name).inputs):
+            keep.add(name)
+        else:
+            log.debug("check %s reads values on both sides of the cut; the tail skips it", name)
+    return keep
+
+
 def split_model(gm: fx.GraphModule, graph: Graph, head: frozenset[str]) -> SplitModel:
-    """Build head and tail modules for the downward-closed `head`."""
+    """Build head and tail modules for the downward-closed `head`.
+
+    The head is first made canonical (Graph.canonical_head): the cut is named by the
+    tensors that cross it, and every head with those tensors builds the same halves."""
     if not graph.is_downward_closed(head):
         raise ValueError("the head of a cut must be downward-closed")
+    head = graph.canonical_head(head)
+    redo = graph.recomputed(head)
     crossing = tuple(graph.crossing(head))
     cut_id = graph.cut_id(head)
     placeholders = graph.placeholders
@@ -75,22 +100,27 @@ def split_model(gm: fx.GraphModule, graph: Graph, head: frozenset[str]) -> Split
         head_gm = fx.GraphModule(gm, hg, class_name="Head")
         return SplitModel(cut_id, (), head_gm, None, placeholders)
 
-    # Head: the crossing tensors' ancestors, returning them by name.
+    cloud_only = cut_id == CLOUD_ONLY
+    # Head: the crossing tensors' ancestors and the checks on them, returning the tensors by name.
     head_gm: fx.GraphModule | None = None
-    if set(head) != set(placeholders):
+    if not cloud_only:
         hg = fx.Graph()
         env = {}
-        needed = graph.head_from_crossing(crossing)
-        _copy_nodes(gm, hg, set(needed), env)
+        _copy_nodes(gm, hg, set(head), env)
         hg.output({name: env[name] for name in crossing})
         head_gm = fx.GraphModule(gm, hg, class_name="Head")
 
-    # Tail: one placeholder per crossing tensor, then every node not in the head.
+    # Tail: one placeholder per crossing tensor, then every node not in the head, the
+    # non-tensor values it recomputes, and the checks it can run.
     tg = fx.Graph()
     env = {name: tg.placeholder(name) for name in crossing}
     for name in crossing:
         env[name].meta = dict(next(n for n in gm.graph.nodes if n.name == name).meta)
-    _copy_nodes(gm, tg, {n for n in graph.names if n not in head}, env)
+    tail_nodes = {n for n in graph.names if n not in head and not graph.is_check(n)} | set(redo)
+    if cloud_only:  # nothing runs on the edge: the tail runs the input checks too
+        tail_nodes |= {n for n in head if n not in placeholders}
+    tail_nodes |= _tail_checks(graph, frozenset() if cloud_only else head, tail_nodes | set(crossing))
+    _copy_nodes(gm, tg, tail_nodes, env)
     tg.output(fx.node.map_arg(output_node.args[0], lambda n: env[n.name]))
     tail_gm = fx.GraphModule(gm, tg, class_name="Tail")
     return SplitModel(cut_id, crossing, head_gm, tail_gm, placeholders)
@@ -105,16 +135,3 @@ def outputs_dict(out: Any) -> dict[str, torch.Tensor]:
     if isinstance(out, dict):
         return {str(k): v for k, v in out.items()}
     raise TypeError(f"the model returned {type(out).__name__}, not tensors")
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    """Largest absolute difference between two outputs (tensors or nested tuples/lists/dicts)."""
-    if isinstance(a, torch.Tensor):
-        if a.numel() == 0:
-            return 0.0
-        return float((a.float() - b.float()).abs().max())
-    if isinstance(a, dict):
-        return max((max_abs_diff(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (tuple, list)):
-        return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    return 0.0 if a == b else float("inf")

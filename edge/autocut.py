@@ -18,16 +18,20 @@ import time
 from typing import Any
 
 from splitinfer.adapt.planner import Plan, load_pair, plan_adaptive, reference_pair
+from splitinfer.core.energy import load_power
+from splitinfer.core.memory import MemoryBudget, node_weight_bytes
 from splitinfer.adapt.policy import Adaptive, Feedback
 from splitinfer.core.costmodel import Link
 from splitinfer.core.profile import Profile
 from splitinfer.core.profiler import profile_model
+from splitinfer.edge.battery import BatterySaver, battery_reader
 from splitinfer.edge.client import CloudClient, CloudError, CloudUnavailable
 from splitinfer.edge.config import AgentConfig
 from splitinfer.edge.head import HeadRunner
 from splitinfer.edge.hooks import AgentHooks
 from splitinfer.edge.pool import WorkerHandle
 from splitinfer.edge.cutinfo import CutInfo
+from splitinfer.edge.residency import drop_unused_weights, resident_memory
 from splitinfer.errors import UserError
 from splitinfer.wire.codec_cost import model_codec_cost
 
@@ -50,15 +54,20 @@ async def choose_auto(
     profiles, source = await _profiles(cfg, runner, client)
     link, measured = await _link(cfg, client, hooks)
     edge_prof, cloud_prof = profiles
+    device = await _device_options(cfg, runner, edge_prof)
     try:
         # compressed activations: the cost model counts their measured bytes and codec time
         codec = await asyncio.to_thread(model_codec_cost, runner.loaded, cfg.compression)
         plan = await asyncio.to_thread(
             lambda: plan_adaptive(edge_prof, cloud_prof, link, time.monotonic(), codec=codec,
-                                  edge_slowdown=cfg.edge_slowdown)
+                                  edge_slowdown=cfg.edge_slowdown, **device)
         )  # fmt: skip
     except UserError as exc:
+        saver = device.get("objective_source")
+        if isinstance(saver, BatterySaver):
+            saver.close()
         raise UserError(f"cannot partition {runner.name}: {exc}") from None
+    memory = await _keep_usable_weights(cfg, runner, plan) if cfg.edge_memory_mb is not None else None
     cut_id = runner.resolve_cut(plan.first.id)
     info = runner.describe_cut(cut_id).chosen(
         "auto",
@@ -68,8 +77,41 @@ async def choose_auto(
         profiles=source,
         policy="adaptive",
         edge_slowdown=cfg.edge_slowdown if cfg.edge_slowdown != 1.0 else None,
+        objective=cfg.objective if cfg.objective != "latency" else None,
+        memory=memory,
     )
     return plan, cut_id, info
+
+
+async def _device_options(cfg: AgentConfig, runner: HeadRunner, edge_prof: Profile) -> dict[str, Any]:
+    """plan_adaptive's objective, power, memory budget and battery saver from the config."""
+    out: dict[str, Any] = {"objective": cfg.objective, "deadline_ms": cfg.deadline_ms}
+    if cfg.power is not None:
+        out["power"] = await asyncio.to_thread(load_power, cfg.power)
+    if cfg.edge_memory_mb is not None:
+        weights = edge_prof.node_weight_bytes or await runner.call(node_weight_bytes, runner.gm, runner.graph)
+        out["memory"] = MemoryBudget.of_mb(cfg.edge_memory_mb, weights)
+    if cfg.battery_saver_below is not None:
+        reader = cfg.battery_reader or battery_reader(cfg.battery_file)
+        saver = await asyncio.to_thread(
+            lambda: BatterySaver(reader, float(cfg.battery_saver_below or 0), normal=cfg.objective, poll_s=cfg.battery_poll_s)
+        )  # fmt: skip
+        if saver.normal != "energy":
+            out["saver_objective"] = "energy"
+            out["objective_source"] = saver
+        else:  # already minimising energy: nothing to switch to
+            saver.close()
+    return out
+
+
+async def _keep_usable_weights(cfg: AgentConfig, runner: HeadRunner, plan: Plan) -> dict[str, Any]:
+    """Drop the weights no head of the plan's tables needs; what the edge holds after."""
+    tables = plan.policy.tables.values()
+    heads = [c.head for t in tables for c in (*t.cuts, t.start_cut)]  # every cut a table holds fits
+    deepest = max((c for t in tables for c in t.cuts), key=lambda c: len(c.head))
+    keep = frozenset().union(*heads) if heads else frozenset()
+    freed = await runner.call(drop_unused_weights, runner.gm, runner.loaded.module, keep)
+    return resident_memory(runner.gm, None, budget_mb=cfg.edge_memory_mb, deepest_cut=deepest.id, freed_bytes=freed)
 
 
 async def _profiles(
@@ -191,3 +233,6 @@ class LinkProber:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        saver = self.policy.objective_source
+        if isinstance(saver, BatterySaver):
+            saver.close()

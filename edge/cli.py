@@ -80,6 +80,11 @@ def edge_cmd(
     edge_profile: Optional[str] = typer.Option(None, "--edge-profile", help="--cut auto: partition on this edge profile JSON (with --cloud-profile) instead of the bundled one"),
     cloud_profile: Optional[str] = typer.Option(None, "--cloud-profile", help="--cut auto: the cloud profile JSON to go with --edge-profile"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    objective: str = typer.Option("latency", "--objective", help="--cut auto minimises latency, energy or edp (with --deadline-ms: subject to it)"),
+    power: Optional[str] = typer.Option(None, "--power", help="this device's power profile: a JSON file or a class (phone, jetson, rpi, laptop)"),
+    battery_saver_below: Optional[float] = typer.Option(None, "--battery-saver-below", help="--cut auto: below P percent battery, minimise energy instead"),
+    battery_file: Optional[str] = typer.Option(None, "--battery-file", help="file with the battery percentage (default /sys/class/power_supply/*/capacity)"),
+    edge_memory_mb: Optional[float] = typer.Option(None, "--edge-memory-mb", help="--cut auto: only heads that fit in M MB; unused weights are dropped"),
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig
@@ -114,6 +119,11 @@ def edge_cmd(
         threads=threads,
         edge_profile=edge_profile,
         cloud_profile=cloud_profile,
+        objective=objective,
+        power=power,
+        battery_saver_below=battery_saver_below,
+        battery_file=battery_file,
+        edge_memory_mb=edge_memory_mb,
     )
     hooks = ctx.obj if isinstance(ctx.obj, AgentHooks) else None  # run_edge_command's
     summary = asyncio.run(run_agent(config, requests, rate, hooks))

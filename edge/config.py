@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from splitinfer.edge.tls import ClientTLS
 from splitinfer.errors import UserError
@@ -78,6 +79,23 @@ class AgentConfig:
     # the fallback's expected run time (what a deadline keeps in reserve for it) is K x its
     # median measured at start (1: as measured). Its runs are slowed by AgentHooks.after_fallback.
     fallback_slowdown: float = 1.0
+    # "auto": what the policy minimises: latency, energy (this device's, core.energy) or edp;
+    # with a deadline_ms, energy and edp are minimised subject to it
+    objective: str = "latency"
+    # this device's power profile for the energy model: a JSON file or a device class
+    # (phone, jetson, rpi, laptop); None: the edge profile's recorded one, else phone
+    power: str | None = None
+    # "auto": below this battery percentage rank cuts by energy (back above it + 5); None: off
+    battery_saver_below: float | None = None
+    # a file holding the battery percentage; None: /sys/class/power_supply/*/capacity
+    battery_file: str | None = None
+    # a callback giving the battery percentage (wins over battery_file); None: read the file
+    battery_reader: Callable[[], float | None] | None = None
+    # how often the battery is read, s (a read never delays a request)
+    battery_poll_s: float = 10.0
+    # "auto": only cuts whose head weights + peak activations fit in this many MB, and the
+    # weights no usable head needs are dropped; None: no budget
+    edge_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):
@@ -104,6 +122,29 @@ class AgentConfig:
             raise UserError("--progressive and --confidence-exit need a fallback model")
         if (self.edge_profile is None) != (self.cloud_profile is None):
             raise UserError("give both --edge-profile and --cloud-profile, or neither")
+        self._check_device_options()
+
+    def _check_device_options(self) -> None:
+        """Objective, battery and memory options (issue 19)."""
+        from splitinfer.core.energy import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}: use {', '.join(OBJECTIVES)}")
+        auto = str(self.cut).strip() == "auto"
+        if self.battery_saver_below is not None:
+            if not 0 < self.battery_saver_below <= 100:
+                raise UserError(f"--battery-saver-below must be in (0, 100], got {self.battery_saver_below:g}")
+            if not auto:
+                raise UserError("--battery-saver-below changes the cut: it needs --cut auto")
+        if not (math.isfinite(self.battery_poll_s) and self.battery_poll_s >= 0):
+            raise UserError(f"battery poll interval must be >= 0, got {self.battery_poll_s}")
+        if self.edge_memory_mb is not None:
+            if not (math.isfinite(self.edge_memory_mb) and self.edge_memory_mb > 0):
+                raise UserError(f"--edge-memory-mb must be positive, got {self.edge_memory_mb}")
+            if not auto:
+                raise UserError("--edge-memory-mb plans the cuts: it needs --cut auto")
+            if self.verify:
+                raise UserError("--verify runs the whole model here: it cannot go with --edge-memory-mb")
 
     @property
     def cloud_urls(self) -> tuple[str, ...]:

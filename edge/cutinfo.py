@@ -31,6 +31,8 @@ class CutInfo(Mapping[str, Any]):
     profiles: str | None = None  # given | bundled | measured
     policy: str | None = None  # adaptive, for --cut auto
     edge_slowdown: float | None = None  # planned for an edge this many times slower (1: omitted)
+    objective: str | None = None  # what --cut auto minimises (latency | energy | edp), when not latency
+    memory: dict[str, Any] | None = None  # --edge-memory-mb: the budget, deepest cut, weights held, peak RSS
     _json: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -59,6 +59,7 @@ def agent_status(agent: AgentView) -> dict[str, Any]:
         "clouds": agent.pool.status() if agent.pool else [],
         "counters": dict(agent.counters),
         "fallback": agent.fallback.name if agent.fallback else None,
+        "memory": info.get("memory"),  # --edge-memory-mb: what the edge holds (edge.residency)
     }
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def cloud_cmd(
     model: list[str] = typer.Option(..., "--model", "-m", help="model to serve (repeatable)"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    host: Optional[str] = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1, or the --interface address)"),
     port: int = typer.Option(8470, "--port", help="port (0: any free port)"),
     max_batch: int = typer.Option(8, "--max-batch", help="samples per batch (1: no batching)"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a batch waits to fill"),
@@ -44,6 +44,7 @@ def cloud_cmd(
         raise UserError("--max-batch, --max-queue and --threads must be >= 1, --max-wait-ms >= 0")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
+    host = _listen_address(host, interface)
     scale = _backend_options(backend, replicas, autoscale, ray_address)
     config = WorkerConfig(
         models=tuple(model),
@@ -104,3 +105,14 @@ def _backend_options(backend: str, replicas: int, autoscale: str | None, ray_add
     if not sep or scale[0] < 0 or scale[1] < max(1, scale[0]):
         raise UserError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {autoscale!r}")
     return scale
+
+
+def _listen_address(host: str | None, interface: str | None) -> str:
+    """Where the worker listens: --host, else the address it advertises (--interface), else
+    loopback. A worker never advertises an address it does not listen on."""
+    if host is None:
+        return interface or "127.0.0.1"
+    if interface and host not in (interface, "0.0.0.0", "::"):
+        raise UserError(f"--interface {interface} is advertised but the worker listens on {host}: "
+                        f"pass --host {interface} (or --host 0.0.0.0)")
+    return host

@@ -146,3 +146,35 @@ async def test_edge_status_listens_where_it_is_advertised() -> None:
         async with aiohttp.ClientSession() as s:
             async with s.get(mine[0].url + "/status", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 assert r.status == 200 and (await r.json())["agent_id"] == agent.agent_id
+
+
+async def test_worker_listens_where_it_is_advertised(cloud_process) -> None:
+    """`splitinfer cloud --interface X` (no --host) must listen on X, where its mDNS record
+    points; a --host that is not X is refused in one line rather than advertising a dead address."""
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    other = "127.0.0.2"
+    worker = cloud_process("--model", "tinycnn", "--interface", other, advertise=True)
+    assert worker.url.startswith(f"http://{other}:")
+    browser = Browser(CLOUD_SERVICE, "cloud", other)
+    await browser.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while not (mine := [p for p in browser.peers.values() if p.url == worker.url]):
+            assert asyncio.get_running_loop().time() < deadline, browser.peers
+            await asyncio.sleep(0.1)
+    finally:
+        await browser.stop()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(mine[0].url + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            assert r.status == 200
+    bad = subprocess.run(
+        [sys.executable, "-P", "-m", "splitinfer.cli", "cloud", "--model", "tinycnn", "--host", "127.0.0.1",
+         "--interface", other, "--port", "0", "--no-advertise"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--interface 127.0.0.2 is advertised" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

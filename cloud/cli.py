@@ -5,22 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Optional
+from dataclasses import fields
+from typing import Any, Optional
 
 import typer
 
+from splitinfer.cloud.config import WorkerConfig
 from splitinfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
+def _default(name: str) -> Any:
+    """A WorkerConfig default: the options show the defaults the worker really uses."""
+    return {f.name: f.default for f in fields(WorkerConfig)}[name]
+
+
 def cloud_cmd(
     model: list[str] = typer.Option(..., "--model", "-m", help="model to serve (repeatable)"),
     host: Optional[str] = typer.Option(None, "--host", help="address to listen on (default 127.0.0.1, or the --interface address)"),
-    port: int = typer.Option(8470, "--port", help="port (0: any free port)"),
-    max_batch: int = typer.Option(8, "--max-batch", help="samples per batch (1: no batching)"),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="how long a batch waits to fill"),
-    max_queue: int = typer.Option(256, "--max-queue", help="samples queued before answering 'overloaded'"),
+    port: int = typer.Option(_default("port"), "--port", help="port (0: any free port)"),
+    max_batch: int = typer.Option(_default("max_batch"), "--max-batch", help="samples per batch (1: no batching)"),
+    max_wait_ms: float = typer.Option(_default("max_wait_ms"), "--max-wait-ms", help="how long a batch waits to fill"),
+    max_queue: int = typer.Option(_default("max_queue"), "--max-queue", help="samples queued before answering 'overloaded'"),
     token: Optional[str] = typer.Option(None, "--token", help="require 'Authorization: Bearer TOKEN'"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the tails"),
     no_advertise: bool = typer.Option(False, "--no-advertise", help="do not announce on mDNS"),
@@ -29,19 +36,25 @@ def cloud_cmd(
     tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS"),
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
     tls_client_ca: Optional[str] = typer.Option(None, "--tls-client-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)"),
-    backend: str = typer.Option("local", "--backend", help="what runs the tails: local (this process) or ray (Ray Serve replicas)"),
-    replicas: int = typer.Option(1, "--replicas", help="ray: number of tail replicas"),
+    backend: str = typer.Option(_default("backend"), "--backend", help="what runs the tails: local (this process) or ray (Ray Serve replicas)"),
+    replicas: int = typer.Option(_default("replicas"), "--replicas", help="ray: number of tail replicas"),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", help="ray: MIN:MAX replicas, scaled by Ray Serve with the load"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: join this cluster (HOST:PORT); default: start a local Ray, stopped on exit"),
+    max_request_samples: int = typer.Option(_default("max_request_samples"), "--max-request-samples", help="samples in one request; more is 'too_large'"),
+    max_queued_mb: float = typer.Option(_default("max_queued_bytes") / 2**20, "--max-queued-mb", help="MiB of bodies, tensors and unsent answers held at once; beyond: 'overloaded'"),
+    answer_cache_mb: float = typer.Option(_default("answer_cache_bytes") / 2**20, "--answer-cache-mb", help="MiB of answers kept for retried request ids"),
+    idle_timeout_s: float = typer.Option(_default("idle_timeout_s"), "--idle-timeout-s", help="close idle keep-alive connections and unfinished headers after this"),
+    body_timeout_s: float = typer.Option(_default("body_timeout_s"), "--body-timeout-s", help="grace for a request body, on top of its size at the minimum rate"),
 ) -> None:
     """Serve the tail of any cut of the given models (HTTP, WebSocket, metrics)."""
     from splitinfer.cloud.auth import Tokens
-    from splitinfer.cloud.service import WorkerConfig
     from splitinfer.cloud.tls import site_context, worker_pin
     from splitinfer.cloud.worker import serve
 
     if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or (threads is not None and threads < 1):
         raise UserError("--max-batch, --max-queue and --threads must be >= 1, --max-wait-ms >= 0")
+    if min(max_request_samples, max_queued_mb, answer_cache_mb, idle_timeout_s, body_timeout_s) <= 0:
+        raise UserError("--max-request-samples, --max-queued-mb, --answer-cache-mb and the timeouts must be positive")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
     host = _listen_address(host, interface)
@@ -65,6 +78,11 @@ def cloud_cmd(
         replicas=replicas,
         autoscale=scale,
         ray_address=ray_address,
+        max_request_samples=max_request_samples,
+        max_queued_bytes=int(max_queued_mb * 2**20),
+        answer_cache_bytes=int(answer_cache_mb * 2**20),
+        idle_timeout_s=idle_timeout_s,
+        body_timeout_s=body_timeout_s,
     )
     # Bad token or certificate files fail here, in one line, before models load.
     tokens = Tokens.from_config(token, token_file)

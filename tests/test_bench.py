@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_json(*args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-P", "-m", "splitinfer.cli", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -142,7 +142,7 @@ def test_non_tensor_example_is_refused() -> None:
 @pytest.mark.parametrize("builder", ["build_uncapturable", "build_eval_raises"])
 def test_inspect_cli_refuses_in_one_line(builder: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", "inspect", "--model", f"{DATA / 'capture_models.py'}:{builder}"],
+        [sys.executable, "-P", "-m", "splitinfer.cli", "inspect", "--model", f"{DATA / 'capture_models.py'}:{builder}"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr

@@ -15,7 +15,7 @@ CUSTOM = "tests/data/custom_model.py:build"
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-P", "-m", "splitinfer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
@@ -99,3 +99,12 @@ def test_bad_input_is_one_clear_line(tiny_profiles, tmp_path) -> None:
         "partition", "--model", "tinycnn", "--edge-profile", str(garbage), "--cloud-profile", str(cloud),
         "--bandwidth", "1",
     )
+
+
+@pytest.mark.parametrize(
+    "option", ["--max-request-samples", "--max-queued-mb", "--answer-cache-mb", "--idle-timeout-s", "--body-timeout-s"]
+)
+def test_worker_limit_options_refuse_non_positive_values(option: str) -> None:
+    proc = run("cloud", "--model", "tinycnn", "--port", "0", "--no-advertise", option, "0", check=False)
+    assert proc.returncode == 2 and "must be positive" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

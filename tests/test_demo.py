@@ -46,7 +46,7 @@ def _demo_command() -> list[str]:
 
     names = {c.name for c in app.registered_commands}
     if "demo" in names:
-        return [sys.executable, "-m", "splitinfer.cli", "demo"]
+        return [sys.executable, "-P", "-m", "splitinfer.cli", "demo"]
     return [sys.executable, "-c", _TINY_APP, "demo"]
 
 

@@ -18,7 +18,7 @@ LO = "127.0.0.1"  # no test sends multicast off this machine
 
 def ls_json(timeout: float = 2.0) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", "ls", "--interface", LO, "--timeout", str(timeout), "--json"],
+        [sys.executable, "-P", "-m", "splitinfer.cli", "ls", "--interface", LO, "--timeout", str(timeout), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

@@ -72,7 +72,7 @@ def free_port() -> int:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-P", "-m", "splitinfer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 

@@ -329,7 +329,7 @@ def test_cli_worker_https_and_edge_with_client_certificate(pki: Pki, cloud_proce
     w = cloud_process("--model", MODEL, token="T", tls_cert=str(pki.server), tls_key=str(pki.server_key),
                       tls_client_ca=str(pki.ca))  # fmt: skip
     assert w.url.startswith("https://127.0.0.1:")
-    base = [sys.executable, "-m", "splitinfer.cli", "edge", "--model", MODEL, "--cloud", w.url, "--cut", "cloud",
+    base = [sys.executable, "-P", "-m", "splitinfer.cli", "edge", "--model", MODEL, "--cloud", w.url, "--cut", "cloud",
             "--token", "T", "--no-fallback", "--no-advertise", "-n", "3", "--json", "--tls-ca", str(pki.ca)]  # fmt: skip
     ok = subprocess.run([*base, "--tls-cert", str(pki.client), "--tls-key", str(pki.client_key)],
                         cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
@@ -343,7 +343,7 @@ def test_cli_worker_https_and_edge_with_client_certificate(pki: Pki, cloud_proce
 # ------------------------------------------------------------------------------ discovery
 def ls_json(*extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitinfer.cli", "ls", "--interface", LO, "--timeout", "2", "--json", *extra],
+        [sys.executable, "-P", "-m", "splitinfer.cli", "ls", "--interface", LO, "--timeout", "2", "--json", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

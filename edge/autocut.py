@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import statistics
 import time
 from typing import Any
 
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 ASSUMED_MBIT = 10.0  # --cut auto before any worker answered: plan for a typical link
 ASSUMED_RTT_MS = 20.0
-HEALTH_PINGS = 3  # /healthz round trips whose median is the RTT (a before_send hook's probe)
 
 
 async def choose_auto(
@@ -172,24 +170,9 @@ async def _link(cfg: AgentConfig, client: CloudClient | None, hooks: AgentHooks)
 
 
 async def measure_link(client: CloudClient, nbytes: int, hooks: AgentHooks) -> tuple[float, float]:
-    """(RTT ms, uplink Mbit/s) to a worker: the client's probe, or, with a before_send
-    hook, the same measurement with the hook's delay counted in the upload."""
-    if hooks.before_send is None:
-        return await client.probe(nbytes)
-    await client.health()  # warm the connection: TCP set-up is not part of the RTT
-    rtts = []
-    for _ in range(HEALTH_PINGS):
-        t0 = time.perf_counter()
-        await client.health()
-        rtts.append((time.perf_counter() - t0) * 1e3)
-    rtt_ms = statistics.median(rtts)
-    delay_s = await hooks.before_send(nbytes, None)
-    timing = await client.post_probe(nbytes)
-    elapsed_ms = timing.round_trip_ms + delay_s * 1e3
-    # as CloudClient.probe: the worker's own timing only when nothing delayed the send
-    timed = timing.uplink_mbit() if delay_s <= 0 else None
-    transfer_ms = max(elapsed_ms - rtt_ms, elapsed_ms / 10, 1e-3)
-    return rtt_ms, timed or nbytes * 8 / (transfer_ms * 1e3)
+    """(RTT ms, uplink Mbit/s) to a worker: the client's probe, a before_send hook's delay
+    counted in the upload."""
+    return await client.probe(nbytes, hooks.before_send)
 
 
 class LinkProber:

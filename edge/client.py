@@ -19,6 +19,7 @@ import ssl
 import statistics
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -382,11 +383,16 @@ class CloudClient:
             pass
         return ProbeTiming(elapsed_ms, upload_ms, timed_bytes)
 
-    async def probe(self, nbytes: int = 1_000_000) -> tuple[float, float]:
+    async def probe(
+        self, nbytes: int = 1_000_000, before_send: Callable[[int, float | None], Awaitable[float]] | None = None
+    ) -> tuple[float, float]:
         """Estimate the link: (RTT in ms, uplink in Mbit/s).
 
         RTT is the median of a few /healthz round trips on a warm connection; the uplink is
-        ``nbytes`` POSTed to /v1/probe, timed, less one RTT."""
+        ``nbytes`` POSTed to /v1/probe, timed, less one RTT. ``before_send`` (an agent's
+        hook, e.g. an emulated uplink) may delay the upload: its delay counts in the
+        transfer, and the worker's own timing of the arrival is then ignored (it saw the
+        real link, not the emulated one)."""
         if nbytes < 1:
             raise ValueError("nbytes must be positive")
         await self.health()  # warm the connection: TCP set-up is not part of the RTT
@@ -396,13 +402,15 @@ class CloudClient:
             await self.health()
             rtts.append((time.perf_counter() - start) * 1e3)
         rtt_ms = statistics.median(rtts)
+        delay_s = await before_send(nbytes, None) if before_send is not None else 0.0
         timing = await self.post_probe(nbytes)
-        elapsed_ms = timing.round_trip_ms
-        # The worker's timing of the arrival if it has one; else the round trip less the
-        # RTT that any exchange pays, never below a tenth of the total, so a noisy RTT
-        # cannot produce an absurd bandwidth.
+        elapsed_ms = timing.round_trip_ms + delay_s * 1e3
+        # The worker's timing of the arrival if it has one (and nothing delayed the send);
+        # else the round trip less the RTT that any exchange pays, never below a tenth of
+        # the total, so a noisy RTT cannot produce an absurd bandwidth.
+        timed = timing.uplink_mbit() if delay_s <= 0 else None
         transfer_ms = max(elapsed_ms - rtt_ms, elapsed_ms / 10, 1e-3)
-        mbit = timing.uplink_mbit() or nbytes * 8 / (transfer_ms * 1e3)
+        mbit = timed or nbytes * 8 / (transfer_ms * 1e3)
         log.info("probe of %s: rtt %.2f ms, uplink %.1f Mbit/s (%d bytes in %.2f ms)", self.url, rtt_ms, mbit, nbytes, elapsed_ms)
         return rtt_ms, mbit
 

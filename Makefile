@@ -13,6 +13,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
 	$(BIN)/pip install -q $(FIND_LINKS) -e '.[test]'
+	$(BIN)/pip install -q --no-deps 'timm>=1.0'  # no torchvision: see splitinfer/models/timm_shim.py
 	touch $@
 
 setup: $(BIN)/.installed

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from splitinfer.core.inputs import Inputs
 from splitinfer.core.split import max_abs_diff
 from splitinfer.models.loader import LoadedModel
 from splitinfer.util.stats import latency_stats
@@ -72,13 +73,13 @@ class Answer:
         return r
 
 
-def request_input(loaded: LoadedModel, index: int) -> torch.Tensor:
-    """Request ``index``'s input: like ``example_batch(1)`` but different, and the same in every run."""
-    ex = loaded.example_batch(1)
-    if not ex.is_floating_point():
-        return ex  # token ids, masks: no safe random range, keep the example
-    gen = torch.Generator().manual_seed(_INPUT_SEED + index)
-    return torch.randn(ex.shape, generator=gen, dtype=ex.dtype)
+def request_input(loaded: LoadedModel, index: int) -> Inputs:
+    """Request ``index``'s input: like ``example_batch(1)`` but different, and the same in every run.
+
+    Float inputs are normal; token ids are drawn within the vocabulary and masks are ones
+    with random padding at the end (``LoadedModel.request_inputs``), so no two requests
+    of a run carry the same ids and ``--verify`` checks as many inputs as requests."""
+    return loaded.request_inputs(_INPUT_SEED + index)
 
 
 def summarize(answers: list[Answer], cut: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from splitinfer.errors import UserError
 from splitinfer.core.graph import CLOUD_ONLY, EDGE_ONLY, Graph, capture, cut_kind
+from splitinfer.core.inputs import Inputs, call_module, positional
 from splitinfer.edge.cutinfo import CutInfo
 from splitinfer.models.loader import LoadedModel, weights_hash
 from splitinfer.core.split import SplitModel, outputs_dict, split_model
@@ -38,7 +39,9 @@ def _init_torch_thread(threads: int | None) -> None:
 
 
 class HeadRunner:
-    """Heads of one model, by cut id, run on one torch thread: ``await runner.run_head(cut, x)``."""
+    """Heads of one model, by cut id, run on one torch thread: ``await runner.run_head(cut, x)``.
+
+    ``x`` is the model's input as its spec gives it: one tensor, a tuple or a dict of tensors."""
 
     def __init__(self, loaded: LoadedModel, threads: int | None = 1) -> None:
         if threads is not None and threads < 1:
@@ -115,24 +118,25 @@ class HeadRunner:
         """Run ``fn(*args)`` on the torch thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _run_head_sync(self, cut_id: str, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def _run_head_sync(self, cut_id: str, x: Inputs) -> tuple[dict[str, torch.Tensor], float]:
         split = self.split(cut_id)
+        args = positional(self.graph.placeholders, x)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = split.run_head(x)
+            out = split.run_head(*args)
         return out, (time.perf_counter() - start) * 1e3
 
-    def _run_full_sync(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def _run_full_sync(self, x: Inputs) -> tuple[dict[str, torch.Tensor], float]:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.loaded.module(x)
+            out = call_module(self.loaded.module, x)
         return outputs_dict(out), (time.perf_counter() - start) * 1e3
 
-    async def run_head(self, cut_id: str, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    async def run_head(self, cut_id: str, x: Inputs) -> tuple[dict[str, torch.Tensor], float]:
         """(tensors to send, head ms). For the edge-only cut: ``{EDGE_OUTPUT: output}``."""
         return await self.call(self._run_head_sync, cut_id, x)
 
-    async def run_full(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    async def run_full(self, x: Inputs) -> tuple[dict[str, torch.Tensor], float]:
         """(the whole model's outputs as named tensors, ms): the reference for --verify."""
         return await self.call(self._run_full_sync, x)
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from splitinfer.core.graph import Graph, capture
+from splitinfer.core.inputs import Inputs, batch_size, first_tensor, positional
 from splitinfer.core.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _quantile(values: list[float], q: float) -> float:
 def profile_model(
     model_name: str,
     module: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     *,
     threads: int | None = 1,
     repeats: int = 10,
@@ -87,6 +88,9 @@ def profile_model(
 ) -> Profile:
     """Profile `module` on `example_input` (batch = its first dimension).
 
+    The example is one tensor, a tuple or a dict of tensors (see ``core.inputs``); the
+    profile's ``input_shape`` is the first input's (the graph records every input's).
+
     Each node is timed inside a whole forward pass, so caches and threads behave as in
     real inference; the median over `repeats` passes is recorded with its p10-p90 spread.
     """
@@ -95,10 +99,11 @@ def profile_model(
     gm, graph = capture(module, example_input)
     samples: dict[str, list[float]] = {n.name: [] for n in graph.nodes}
     interp = _TimingInterpreter(gm, samples)
+    args = positional(graph.placeholders, example_input)
     with torch_threads(threads), torch.inference_mode():
         for i in range(warmup + repeats):
             interp.recording = i >= warmup
-            interp.run(example_input)
+            interp.run(*args)
             if progress:
                 progress(i + 1, warmup + repeats)
     node_ms = {k: statistics.median(v) for k, v in samples.items()}
@@ -111,13 +116,13 @@ def profile_model(
         device=device_name(),
         threads=threads if threads is not None else torch.get_num_threads(),
         torch_version=torch.__version__,
-        input_shape=tuple(example_input.shape[1:]),
-        batch=int(example_input.shape[0]),
+        input_shape=tuple(first_tensor(example_input).shape[1:]),
+        batch=batch_size(example_input),
         repeats=repeats,
         weights_hash=weights_hash,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def graph_of(module: torch.nn.Module, example_input: torch.Tensor) -> Graph:
+def graph_of(module: torch.nn.Module, example_input: Inputs) -> Graph:
     return capture(module, example_input)[1]

@@ -6,7 +6,9 @@ trained and derived models too: ``student:M`` (``splitinfer.models.students``),
 ``int8:S`` (``splitinfer.models.quantize``) and weights files ``path/to/file.pt``
 (``splitinfer.models.pretrained``). This is the one module of the package that
 imports the others; they import only what lies below them.
-A user function takes no arguments and returns ``(nn.Module, example_input)``.
+A user function takes no arguments and returns ``(nn.Module, example_input)``, where the
+example is one tensor, a tuple of tensors (positional arguments) or a dict of tensors
+(keyword arguments, e.g. ``{"input_ids": ..., "attention_mask": ...}``), each of batch 1.
 Anything the user can get wrong ends in a one-line ``UserError``.
 """
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from splitinfer.core.inputs import Inputs, call_module, map_inputs, tensors_of
 from splitinfer.errors import UserError
 from splitinfer.models.catalog import builtin_models, builtin_names, load_builtin
 from splitinfer.models.pretrained import (
@@ -73,7 +76,13 @@ def load_model(spec: str) -> LoadedModel:
 
     user_module = _import_file(target) if _looks_like_path(target) else _import_module(target)
     module, example = _call_builder(spec, user_module, func_name)
-    return LoadedModel(name=spec, module=module.eval(), example_input=example)
+    try:
+        module = module.eval()
+    except Exception as exc:  # a user's eval() override, or train() that raises
+        raise UserError(f"{spec}: {func_name}()'s module raised on .eval(): {_one_line(exc)}") from None
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{spec}: {func_name}()'s module.eval() returned {_describe(module)}, not the module")
+    return LoadedModel(name=spec, module=module, example_input=example)
 
 
 def _load_derived(spec: str) -> LoadedModel:
@@ -83,6 +92,8 @@ def _load_derived(spec: str) -> LoadedModel:
         from splitinfer.models.quantize import quantize_model
 
         inner = load_model(spec[len(INT8_PREFIX) :])
+        if inner.multi_input:
+            raise UserError(f"{spec}: int8 quantization takes a model of one input; {inner.name} has {len(inner.input_names)}")
         module = quantize_model(inner.module, inner.input_shape)
         return LoadedModel(name=spec, module=module, example_input=inner.example_input)
     if spec.startswith(STUDENT_PREFIX):
@@ -119,11 +130,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
+def count_flops(module: nn.Module, example_input: Inputs) -> int:
     """FLOPs of one forward pass, as FlopCounterMode counts them (a multiply-add is 2)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        module(example_input)
+        call_module(module, example_input)
     return int(counter.get_total_flops())
 
 
@@ -170,7 +181,7 @@ def _import_module(target: str) -> ModuleType:
         raise UserError(f"cannot import model module {target}: {_one_line(exc)}") from None
 
 
-def _call_builder(spec: str, user_module: ModuleType, func_name: str) -> tuple[nn.Module, torch.Tensor]:
+def _call_builder(spec: str, user_module: ModuleType, func_name: str) -> tuple[nn.Module, Inputs]:
     fn = getattr(user_module, func_name, None)
     if fn is None:
         raise UserError(f"{spec}: no function {func_name!r} in {user_module.__file__ or user_module.__name__}")
@@ -192,15 +203,41 @@ def _call_builder(spec: str, user_module: ModuleType, func_name: str) -> tuple[n
         raise UserError(
             f"{spec}: {func_name}() must return (nn.Module, example_input); first item is {_describe(module)}"
         )
-    if not isinstance(example, torch.Tensor):
-        raise UserError(f"{spec}: example input must be a torch.Tensor, got {_describe(example)}")
-    if example.dim() == 0:
+    return module, _check_example(spec, _example_structure(spec, example))
+
+
+def _example_structure(spec: str, example: object) -> Inputs:
+    """One tensor, a tuple of tensors, or a dict str -> tensor; anything else is refused."""
+    if isinstance(example, torch.Tensor):
+        return example
+    several = "; several inputs: a tuple or a dict of tensors"
+    if isinstance(example, (tuple, list)) and example and all(isinstance(t, torch.Tensor) for t in example):
+        return tuple(example)
+    if isinstance(example, dict) and example:
+        bad = [k for k, v in example.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise UserError(f"{spec}: example input {bad[0]!r} must be a str name with a torch.Tensor value{several}")
+        if any(not k.isidentifier() for k in example):
+            raise UserError(f"{spec}: example input names must be argument names, got {list(example)[:8]}")
+        return dict(example)
+    raise UserError(f"{spec}: example input must be a torch.Tensor, got {_describe(example)}{several}")
+
+
+def _check_example(spec: str, example: Inputs) -> Inputs:
+    """Every input has a batch dimension and they agree on it; keep one row of each."""
+    tensors = tensors_of(example)
+    if any(t.dim() == 0 for t in tensors):
         raise UserError(f"{spec}: example input must have a batch dimension, got a scalar tensor")
-    if example.shape[0] != 1:
+    batches = {int(t.shape[0]) for t in tensors}
+    if len(batches) > 1:
+        raise UserError(f"{spec}: the example inputs disagree on the batch size (first dimensions {sorted(batches)})")
+    batch = batches.pop()
+    if batch < 1:
+        raise UserError(f"{spec}: example input has an empty batch")
+    if batch != 1:
         # The rest of the system assumes the example is one sample; keep the first.
-        log.info("%s: example input has batch %d, keeping the first row", spec, example.shape[0])
-        example = example[:1]
-    return module, example.detach()
+        log.info("%s: example input has batch %d, keeping the first row", spec, batch)
+    return map_inputs(example, lambda _k, t: t[:1].detach())
 
 
 def _describe(value: object) -> str:

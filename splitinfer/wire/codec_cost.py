@@ -16,6 +16,7 @@ import torch
 
 from splitinfer.core.costmodel import CodecCost
 from splitinfer.core.graph import capture
+from splitinfer.core.inputs import positional
 from splitinfer.core.split import split_model
 from splitinfer.core.verify import candidate_heads
 from splitinfer.models.spec import LoadedModel
@@ -65,5 +66,5 @@ def model_codec_cost(lm: LoadedModel, compression: str) -> CodecCost:
     heads = candidate_heads(graph)
     split = split_model(gm, graph, heads[len(heads) // 2])
     with torch.inference_mode():
-        sample = split.run_head(lm.example_batch(1))
+        sample = split.run_head(*positional(graph.placeholders, lm.example_batch(1)))
     return codec_cost(compression, sample)

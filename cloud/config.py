@@ -51,4 +51,11 @@ class WorkerConfig:
     replica_cpus: float = 1.0  # ray: CPUs each replica reserves (placement); its torch threads default to this
     backend_timeout_s: float = 30.0  # ray: longest wait for a remote tail of a request without a deadline
 
+    # --- model store (cloud/store.py, cloud/updates.py) ---
+    store: str | None = None  # folder of signed model versions; None: no versions, no update routes data
+    trust: tuple[str, ...] = ()  # Ed25519 public keys (PEM) whose versions this worker serves; empty: any in the store
+    update_max_bytes: int = 256 * 2**20  # one /tensors answer at most this many bytes (ask in parts beyond)
+    update_max_names: int = 4096  # tensor names in one /tensors request
+    store_poll_s: float = 0.5  # how often the store's rollout state is re-read (rollout/rollback take effect)
+
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

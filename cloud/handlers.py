@@ -27,6 +27,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from splitinfer.cloud.auth import CLIENT, Tokens, auth_middleware
 from splitinfer.cloud.registry import LookupFailed
 from splitinfer.cloud.service import Caller, InferenceService
+from splitinfer.cloud.updates import add_update_routes
 from splitinfer.wire.protocol import PROTOCOL_VERSION, ErrorCode, ErrorMessage, encode_message
 
 __all__ = ["SERVICE", "build_app"]
@@ -343,6 +344,9 @@ def build_app(service: InferenceService) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/profile", profile)
     app.router.add_post("/v1/probe", probe)
+    cfg = service.config
+    add_update_routes(app, cfg.store, service.registry, cfg.trust, service.metrics, cfg.update_max_bytes,
+                      cfg.update_max_names, cfg.store_poll_s)  # fmt: skip
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(_close_sockets)

@@ -43,5 +43,12 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
+        # model updates (cloud/updates.py): versions switched to, versions refused, rollbacks
+        self.updates = Counter("splitinfer_model_updates", "Current-version changes served", registry=self.registry)
+        self.update_refusals = Counter(
+            "splitinfer_model_update_refusals", "Store versions refused (bad signature or hash)", registry=self.registry
+        )
+        self.rollbacks = Counter("splitinfer_model_rollbacks", "Rollbacks to an earlier version", registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

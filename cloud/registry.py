@@ -98,6 +98,9 @@ class ModelRegistry:
                 self.failed[spec] = reason
         if model_specs and not self.models:
             raise UserError("no model can be served: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
+        # Other versions of a model, by weights hash (cloud/updates.py): during a rollout a
+        # request is answered by the tail of the version its hash names.
+        self.alternates: dict[str, dict[str, HostedModel]] = {}
         self._tails: OrderedDict[tuple[str, str], Tail] = OrderedDict()
         self._max_tails = max_tails
         self._lock = threading.Lock()  # tails are built in worker threads
@@ -109,6 +112,9 @@ class ModelRegistry:
                 raise LookupFailed(ErrorCode.UNKNOWN_MODEL, f"model {model_id!r} failed to load here: {self.failed[model_id]}")
             raise LookupFailed(ErrorCode.UNKNOWN_MODEL, f"unknown model {model_id!r}; this worker serves {sorted(self.models)}")
         if model_hash and model_hash != hosted.hash:
+            alt = self.alternates.get(model_id, {}).get(model_hash)
+            if alt is not None:
+                return alt
             raise LookupFailed(
                 ErrorCode.MODEL_MISMATCH,
                 f"weights of {model_id!r} differ: edge has {model_hash[:12]}, cloud has {hosted.hash[:12]}",
@@ -118,13 +124,13 @@ class ModelRegistry:
     def tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail:
         """The tail of a cut, built once per *canonical* cut: ``1``, ``01`` and ``001`` are one tail."""
         hosted = self.model(model_id, model_hash)
-        cached = self._tails.get((model_id, cut_id))
+        cached = self._tails.get((f"{model_id}@{hosted.hash}", cut_id))
         if cached is not None:
             return cached
         # Held while building: a burst of first requests for a cut builds its tail once.
         with self._lock:
             head, canonical = self._canonical(hosted, cut_id)
-            key = (model_id, canonical)
+            key = (f"{model_id}@{hosted.hash}", canonical)  # one tail per version of the cut
             if key in self._tails:
                 self._tails.move_to_end(key)
                 return self._tails[key]
@@ -157,9 +163,17 @@ class ModelRegistry:
     def cached_tail(self, model_id: str, model_hash: str, cut_id: str) -> Tail | None:
         """The tail of a canonical cut id if it is built already (cheap: safe on the event loop)."""
         hosted = self.models.get(model_id)
-        if hosted is None or (model_hash and model_hash != hosted.hash):
+        if hosted is not None and model_hash and model_hash != hosted.hash:
+            hosted = self.alternates.get(model_id, {}).get(model_hash)
+        if hosted is None:
             return None
-        return self._tails.get((model_id, cut_id))
+        return self._tails.get((f"{model_id}@{hosted.hash}", cut_id))
+
+    def host_versions(self, model_id: str, primary: HostedModel, others: list[HostedModel]) -> None:
+        """Serve ``primary`` as the model (what /v1/models lists) and ``others`` by their hash."""
+        with self._lock:
+            self.models[model_id] = primary
+            self.alternates[model_id] = {h.hash: h for h in others if h.hash != primary.hash}
 
     @staticmethod
     def _canonical(hosted: HostedModel, cut_id: str) -> tuple[frozenset[str], str]:

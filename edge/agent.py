@@ -66,6 +66,7 @@ class EdgeAgent:
         self.hooks = hooks or NO_HOOKS
         self._loaded = loaded  # a model built by the caller (its own nn.Module); else config.model is loaded
         self.runner: HeadRunner | None = None
+        self.updates: Any = None  # --follow-updates: an edge.updates.UpdateFollower
         self.pool: CloudPool | None = None
         self.fallback: FallbackRunner | None = None
         self.status: StatusPublisher | None = None
@@ -125,6 +126,11 @@ class EdgeAgent:
             self.cut_info = self._user_cut_info(self.cut_id)
         await self.runner.prepare(self.cut_id)
         self._update_state()
+        if cfg.follow_updates:
+            from splitinfer.edge.updates import UpdateFollower
+
+            self.updates = UpdateFollower(self)
+            self.updates.start()
         if cfg.advertise:
             self.status = StatusPublisher(self, cfg.interface, cfg.status_host)
             await self.status.start()
@@ -148,6 +154,8 @@ class EdgeAgent:
             log.warning("no cloud worker usable yet: answering from the fallback until one is")
 
     async def close(self) -> None:
+        if self.updates is not None:
+            await self.updates.stop()
         if self._prober is not None:
             self._prober.close()
         if self.status is not None:
@@ -240,6 +248,8 @@ class EdgeAgent:
         if self.hooks.before_request is not None:
             self.hooks.before_request(index)
         answer = await self._infer(x, cut, reference, request_id, on_provisional)
+        if self.updates is not None:  # a canary's errors and disagreement, counted off the request path
+            self.updates.observe(x, answer)
         if self.hooks.after_answer is not None:
             self.hooks.after_answer(answer.record())
         return answer
@@ -260,6 +270,11 @@ class EdgeAgent:
         request_id: str | None,
         on_provisional: Callable[[Answer], None] | None,
     ) -> Answer:
+        staged = self.updates.take_staged() if self.updates is not None else None
+        if staged is not None:  # between two requests: head and weights hash change together
+            self.runner = staged
+            if self.status is not None:
+                self.status.changed()
         runner = self.runner
         assert runner is not None, "the agent is not started: use `async with EdgeAgent(cfg) as agent`"
         cfg = self.config

@@ -85,6 +85,8 @@ def edge_cmd(
     battery_saver_below: Optional[float] = typer.Option(None, "--battery-saver-below", help="--cut auto: below P percent battery, minimise energy instead"),
     battery_file: Optional[str] = typer.Option(None, "--battery-file", help="file with the battery percentage (default /sys/class/power_supply/*/capacity)"),
     edge_memory_mb: Optional[float] = typer.Option(None, "--edge-memory-mb", help="--cut auto: only heads that fit in M MB; unused weights are dropped"),
+    follow_updates: bool = typer.Option(False, "--follow-updates", help="poll the cloud for signed model versions; switch between requests"),
+    trust: Optional[list[str]] = typer.Option(None, "--trust", help="Ed25519 public key (PEM) updates must be signed by (repeatable)"),
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig
@@ -99,6 +101,8 @@ def edge_cmd(
     clouds = tuple(cloud or ())
     config = AgentConfig(
         model=model,
+        follow_updates=follow_updates,
+        trust=tuple(trust or ()),
         cloud=clouds[0] if clouds else None,
         clouds=clouds[1:],
         discover=(not clouds) if discover is None else discover,

@@ -96,6 +96,13 @@ class AgentConfig:
     # "auto": only cuts whose head weights + peak activations fit in this many MB, and the
     # weights no usable head needs are dropped; None: no budget
     edge_memory_mb: float | None = None
+    # --- model updates (edge/updates.py) ---
+    # poll the cloud for new signed versions, download the delta, switch between two requests
+    follow_updates: bool = False
+    # Ed25519 public keys (PEM) an update must be signed by (with follow_updates: required)
+    trust: tuple[str, ...] = ()
+    # how often the cloud's versions are polled, s
+    update_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):

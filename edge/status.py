@@ -38,6 +38,7 @@ class AgentView(Protocol):
     runner: HeadRunner | None
     pool: CloudPool | None
     fallback: FallbackRunner | None
+    updates: Any  # --follow-updates: edge.updates.UpdateFollower (None: off)
 
     @property
     def model_id(self) -> str: ...
@@ -60,6 +61,8 @@ def agent_status(agent: AgentView) -> dict[str, Any]:
         "counters": dict(agent.counters),
         "fallback": agent.fallback.name if agent.fallback else None,
         "memory": info.get("memory"),  # --edge-memory-mb: what the edge holds (edge.residency)
+        "model_hash": agent.runner.weights_hash if agent.runner else None,
+        "model_version": agent.updates.describe() if agent.updates is not None else None,
     }
 
 
@@ -85,7 +88,8 @@ class StatusPublisher:
         best = a.pool.best() if a.pool else None
         return fit_txt(
             {"id": a.agent_id, "model": a.model_id[:64], "cut": str(cut), "state": a.state,
-             "cloud": best.url if best else ""},
+             "version": str(a.updates.version or "") if a.updates is not None else "",  # `splitinfer ls --json`
+             "hash": a.runner.weights_hash[:12] if a.runner else "", "cloud": best.url if best else ""},
             shrink_key="cloud",
         )  # fmt: skip
 

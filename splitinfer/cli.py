@@ -83,6 +83,7 @@ def profile_cmd(
     repeats: int = typer.Option(10, "--repeats", help="timed forward passes (median is kept)"),
     warmup: int = typer.Option(2, "--warmup", help="untimed passes first"),
     slowdown: float = typer.Option(1.0, "--slowdown", help="write a profile of a device K times slower"),
+    power: Optional[str] = typer.Option(None, "--power", help="record this device's power profile: a JSON file or a device class (phone, jetson, rpi, laptop)"),
 ) -> None:
     """Measure every node's latency and output bytes on this device."""
     from rich.progress import Progress
@@ -108,11 +109,15 @@ def profile_cmd(
         )
     if slowdown != 1.0:
         prof = prof.scaled(slowdown)
+    prof = _with_device_facts(prof, lm, batch, power)
     prof.save(out)
     err_console.print(
         f"{lm.name}: {len(prof.graph)} nodes, {prof.total_ms:.1f} ms per pass "
         f"({threads} thread(s), batch {batch}) measured in {time.perf_counter() - started:.1f} s -> {out}"
     )
+    if lm.multi_input:  # the profile's input_shape is the first input's; say what the others are
+        shapes = ", ".join(f"{k} {str(t.dtype).replace('torch.', '')} {list(t.shape[1:])}" for k, t in lm.example_inputs.items())
+        err_console.print(f"  inputs: {shapes}")
 
 
 @app.command("scale")
@@ -125,6 +130,22 @@ def scale_cmd(
     from splitinfer.core.profile import Profile
 
     Profile.load(profile).scaled(factor).save(out)
+
+
+def _with_device_facts(prof: Any, lm: Any, batch: int, power: str | None) -> Any:
+    """The profile with each node's weight bytes (for --edge-memory-mb) and, given, the power profile."""
+    from dataclasses import replace
+
+    from splitinfer.core.energy import load_power
+    from splitinfer.core.graph import capture
+    from splitinfer.core.memory import node_weight_bytes
+
+    gm, graph = capture(lm.module, lm.example_batch(batch))
+    meta = dict(prof.meta)
+    if power is not None:
+        meta["power"] = load_power(power).to_json()
+    return replace(prof, node_weight_bytes=node_weight_bytes(gm, graph) if graph.names == prof.graph.names else {},
+                   meta=meta)  # fmt: skip
 
 
 # ------------------------------------------------------------------------ partition
@@ -152,8 +173,13 @@ def partition_cmd(
     envelope: bool = typer.Option(False, "--envelope", help="also list the cuts optimal for 0.05..10000 Mbit/s"),
     compression: str = typer.Option("none", "--compression", help="activations on the wire: none, fp16, int8 (+lz4/zstd): measured bytes and codec time count"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    objective: str = typer.Option("latency", "--objective", help="minimise latency, energy (the edge device's) or edp (energy x latency)"),
+    deadline_ms: Optional[float] = typer.Option(None, "--deadline-ms", help="a constraint: the objective's best cut predicted within this latency"),
+    edge_memory_mb: Optional[float] = typer.Option(None, "--edge-memory-mb", help="only cuts whose head weights + peak activations fit in this"),
+    power: Optional[str] = typer.Option(None, "--power", help="the edge's power profile, a JSON file or a device class (default: the edge profile's, else phone)"),
+    link_type: Optional[str] = typer.Option(None, "--link-type", help="the radio the energy model charges: 3g, 4g, wifi, ethernet"),
 ) -> None:
-    """Choose the cut with the lowest predicted latency for a link."""
+    """Choose the cut with the lowest predicted latency (or energy, EDP) for a link."""
     from splitinfer.wire.codec_cost import model_codec_cost
     from splitinfer.wire.codec import parse_compression
     from splitinfer.core.costmodel import Link
@@ -167,8 +193,9 @@ def partition_cmd(
         raise UserError(str(exc)) from None
     edge, cloud = _load_checked_profiles(model, edge_profile, cloud_profile)
     codec = model_codec_cost(load_model(model), compression)
+    objective_kw = _objective_options(model, edge, objective, deadline_ms, edge_memory_mb, power, link_type)
     started = time.perf_counter()
-    plan = Partitioner(edge, cloud, codec).plan(link, envelope=envelope)
+    plan = Partitioner(edge, cloud, codec, **objective_kw).plan(link, envelope=envelope)
     elapsed_ms = (time.perf_counter() - started) * 1e3
     if json_out:
         d = plan.to_json()
@@ -182,6 +209,8 @@ def partition_cmd(
     )
     console.print(f"  sends {c.bytes:,} bytes in {len(c.tensors)} tensor(s): {', '.join(c.tensors) or '-'}")
     console.print("  " + ", ".join(f"{k} {v:.2f}" for k, v in c.breakdown.to_json().items()))
+    if c.energy is not None:
+        console.print(f"  energy {c.energy_mj:.1f} mJ ({plan.objective}): " + ", ".join(f"{k} {v:.1f}" for k, v in c.energy.to_json().items()))
     table = Table(title="best candidates along the model")
     for col in ("index", "kind", "tensors", "bytes", "predicted ms"):
         table.add_column(col, justify="right" if col in ("index", "bytes", "predicted ms") else "left")
@@ -195,6 +224,36 @@ def partition_cmd(
         for e in plan.envelope:
             env.add_row(f"{e.from_mbit:.3g}", f"{e.to_mbit:.3g}", e.cut.id[:60], e.cut.kind, f"{e.cut.bytes:,}")
         console.print(env)
+
+
+def _objective_options(
+    model: str, edge: Any, objective: str, deadline_ms: float | None, edge_memory_mb: float | None,
+    power: str | None, link_type: str | None,
+) -> dict[str, Any]:
+    """The Partitioner's objective, deadline, power and memory from the partition options."""
+    from splitinfer.core.energy import OBJECTIVES, load_power
+    from splitinfer.core.memory import MemoryBudget
+    from splitinfer.core.partitioner_objective import power_of
+
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
+    _positive("--deadline-ms", deadline_ms)
+    pw = load_power(power) if power is not None else power_of(edge)
+    if link_type is not None:
+        pw = pw.on(link_type)
+    memory = None
+    if edge_memory_mb is not None:
+        weights = edge.node_weight_bytes
+        if not weights:  # an older profile: the model itself says what each node weighs
+            from splitinfer.core.graph import capture
+            from splitinfer.core.memory import node_weight_bytes
+            from splitinfer.models.loader import load_model
+
+            lm = load_model(model)
+            gm, graph = capture(lm.module, lm.example_batch(edge.batch))
+            weights = node_weight_bytes(gm, graph)
+        memory = MemoryBudget.of_mb(edge_memory_mb, weights)
+    return {"objective": objective, "deadline_ms": deadline_ms, "power": pw, "memory": memory}
 
 
 # -------------------------------------------------------------------------- inspect
@@ -322,6 +381,8 @@ def _register_service_commands() -> None:
     app.command("evaluate")(evaluate_cmd)
     app.command("demo")(demo_cmd)
     app.add_typer(bench_app, name="bench")
+    from splitinfer.cloud.update_cli import register as register_updates
+    register_updates(app)
 
 
 _register_service_commands()

@@ -203,3 +203,67 @@ async def test_worker_serves_the_good_model_and_reports_the_broken_one(cloud_pro
     by_id = {m["id"]: m for m in body["models"]}
     assert "cuts" in by_id["tinycnn"] and "error" not in by_id["tinycnn"]
     assert "cannot capture" in by_id[broken]["error"]
+
+
+# ------------------------------------------------------------------ tensors without the batch
+class _Folds(torch.nn.Module):
+    """arange positions (batch-free, no data: recomputed) and a (B*L, C) view (never sent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        pos = torch.arange(n, dtype=x.dtype).unsqueeze(-1)
+        flat = torch.relu(self.a(x + pos).reshape(-1, c))
+        return self.b(flat.reshape(b, n, c)) + pos
+
+
+def _folds():
+    torch.manual_seed(0)
+    module = _Folds().eval()
+    gm, graph = capture(module, torch.randn(1, 6, 8))
+    return module, gm, graph
+
+
+def test_cuts_send_only_tensors_that_lead_with_the_batch() -> None:
+    module, gm, graph = _folds()
+    kinds = {n.batch for n in graph.nodes if n.is_tensor}
+    assert {"batched", "const", "mixed"} <= kinds, kinds
+    heads = candidate_heads(graph)
+    assert len(heads) > 3
+    x = torch.randn(3, 6, 8)  # another batch than the captured one
+    for head in heads:
+        assert graph.is_sendable(head)
+        assert all(graph.node(t).batch == "batched" for t in graph.crossing(head))
+        cut_id = graph.cut_id(head)
+        assert graph.cut_id(graph.head_from_cut_id(cut_id)) == cut_id
+        with torch.no_grad():
+            assert max_abs_diff(split_model(gm, graph, head)(x), module(x)) <= TOLERANCE
+    # the min-cut never picks a cut that sends a folded tensor, whatever the profile
+    for seed in range(4):
+        edge, cloud = _fake_profiles(graph, seed)
+        for mbit in (0.5, 100.0, 10_000.0):
+            plan = Partitioner(edge, cloud).plan(Link(uplink_mbit=mbit, rtt_ms=1.0))
+            assert graph.is_sendable(plan.cut.head), plan.cut.id
+            assert plan.predicted_ms <= min(c.predicted_ms for c in plan.candidates) + 1e-6
+
+
+def test_a_cut_sending_a_folded_tensor_is_refused_as_unknown() -> None:
+    from splitinfer.cloud.registry import HostedModel, LookupFailed, ModelRegistry
+    from splitinfer.errors import ErrorCode, UserError
+
+    _, gm, graph = _folds()
+    mixed = next(n.name for n in graph.nodes if n.batch == "mixed")
+    with pytest.raises(UserError, match="does not lead with the batch"):
+        graph.head_from_cut_id(mixed)
+    index = graph.index(mixed)
+    assert not graph.is_candidate(index)
+    registry = ModelRegistry([])
+    registry.models["folds"] = HostedModel("folds", None, gm, graph, "h")  # type: ignore[arg-type]
+    for cut in (mixed, str(index)):
+        with pytest.raises(LookupFailed) as info:
+            registry.tail("folds", "h", cut)
+        assert info.value.code == ErrorCode.UNKNOWN_CUT and "does not lead with the batch" in info.value.message

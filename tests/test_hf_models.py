@@ -86,7 +86,7 @@ def _batch_free_tensors(name: str) -> set[str]:
 
 def _mid_cut(name: str, report: dict) -> str:
     """A split cut about half way along the model (by candidate), of tensors that lead
-    with the batch (the worker batches along dim 0; see the xfail test below)."""
+    with the batch (the worker batches along dim 0; capture lists no other since issue 14)."""
     free = _batch_free_tensors(name)
     splits = [c["id"] for c in report["candidates"] if c["kind"] == "split" and not free & set(c["tensors"])]
     assert splits, f"{name}: no split cut sends only batched tensors"
@@ -120,12 +120,7 @@ async def test_transformers_architecture_end_to_end(name: str, hf_worker: str) -
     await _round_trip(hf_worker, name, report)
 
 
-@pytest.mark.xfail(
-    reason="issue 14 (capture): some cuts send tensors without the batch dimension (arange positions, "
-    "shape-derived masks, GPT-2's (B*L, C) views), which the worker refuses; recompute or exclude them",
-    strict=False,
-)
-@pytest.mark.parametrize("name", ["gpt2", "bert", "swin"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "swin", "llama"])
 def test_every_candidate_cut_sends_tensors_that_lead_with_the_batch(name: str) -> None:
     lm = _load(name)
     free = _batch_free_tensors(name)

@@ -15,6 +15,12 @@ cut. Two kinds of nodes never cross either:
 - *values* that are not tensors (ints from ``x.shape``, symbolic sizes, the tuple of a
   ``split``): the tail recomputes one it needs, and a head tensor it is computed from is
   sent with the cut (for an int read off the input ids, the ids: a few bytes).
+  Batch-free tensors that no input's data reaches (``const``: arange positions,
+  shape-derived masks, index tensors; `splitinfer.core.batchdims`) are recomputed too.
+
+The worker batches along dim 0, so only ``batched`` tensors (dim 0 is the batch) may be
+sent: a cut that would send another (GPT-2's ``(B*L, C)`` views, Swin's windows) is not a
+candidate, and naming it is refused (`Graph.is_sendable`).
 
 Tracing lives in `splitinfer.core.tracing`; `capture` here records shapes and bytes.
 """
@@ -29,6 +35,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from splitinfer.core.batchdims import BATCHED, CONST, classify
 from splitinfer.core.tracing import Example, flat_inputs, trace_module
 from splitinfer.errors import UserError
 
@@ -47,13 +54,24 @@ class GraphNode:
     shape: tuple[int, ...] | None  # None when the output is not a single tensor
     dtype: str | None
     nbytes: int  # output bytes at the captured batch size (0 for non-tensors)
+    batch: str = BATCHED  # batched | const | free | mixed (core.batchdims)
 
     @property
     def is_tensor(self) -> bool:
         return self.shape is not None
 
+    @property
+    def can_cross(self) -> bool:
+        """A tensor whose dim 0 is the batch: the only kind the worker can take."""
+        return self.shape is not None and self.batch == BATCHED
+
+    @property
+    def is_recomputed(self) -> bool:
+        """A value the tail computes again instead of receiving: non-tensors, const tensors."""
+        return self.shape is None or self.batch == CONST
+
     def to_json(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "op": self.op,
             "target": self.target,
@@ -62,6 +80,9 @@ class GraphNode:
             "dtype": self.dtype,
             "nbytes": self.nbytes,
         }
+        if self.batch != BATCHED:  # written only when it says something: old files unchanged
+            d["batch"] = self.batch
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "GraphNode":
@@ -73,6 +94,7 @@ class GraphNode:
             shape=tuple(int(s) for s in d["shape"]) if d.get("shape") is not None else None,
             dtype=d.get("dtype"),
             nbytes=int(d["nbytes"]),
+            batch=str(d.get("batch", BATCHED)),
         )
 
 
@@ -87,6 +109,7 @@ class Graph:
         default_factory=dict, init=False, repr=False, compare=False
     )
     _live: dict[str, None] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _candidate: dict[int, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for i, n in enumerate(self.nodes):
@@ -101,6 +124,8 @@ class Graph:
             if n.name in live:
                 live.update(n.inputs)
         self._live.update(dict.fromkeys(live))
+        # -1: whether every tensor leads with the batch (then no prefix is excluded for it)
+        self._candidate[-1] = all(n.batch == BATCHED for n in self.nodes if n.is_tensor and n.op != "placeholder")
 
     # -- lookups ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -172,7 +197,7 @@ class Graph:
         A non-tensor value the tail reads (an int from ``x.shape``, a tuple from ``split``)
         is recomputed there from its inputs; a head tensor it reads is sent for it."""
         values = self._crossing_values(hs)
-        sent = {v for v in values if self.node(v).is_tensor}
+        sent = {v for v in values if not self.node(v).is_recomputed}
         redo: set[str] = set()
         stack = [v for v in values if v not in sent]
         while stack:
@@ -182,7 +207,7 @@ class Graph:
             redo.add(name)
             for i in self.node(name).inputs:
                 if i in hs and i not in sent:
-                    if self.node(i).is_tensor:
+                    if not self.node(i).is_recomputed:
                         sent.add(i)
                     else:
                         stack.append(i)
@@ -199,8 +224,22 @@ class Graph:
         return self._cut_values(set(head))[0]
 
     def recomputed(self, head: Iterable[str]) -> list[str]:
-        """Non-tensor head values the tail computes again from the tensors sent, in order."""
+        """Head values the tail computes again from the tensors sent (non-tensors, const
+        tensors), in order."""
         return self._cut_values(set(head))[1]
+
+    def is_sendable(self, head: Iterable[str]) -> bool:
+        """Whether every tensor this head sends leads with the batch (placeholders are sent
+        as the inputs they are): the worker takes nothing else."""
+        hs = set(head)
+        if self.is_cloud_only(hs):
+            return True
+        return all(self.node(t).can_cross for t in self.crossing(hs))
+
+    @property
+    def all_batched(self) -> bool:
+        """True when every tensor leads with the batch (the built-in zoo): no cut is excluded."""
+        return self._candidate[-1]
 
     def is_valid_cut(self, head: Iterable[str]) -> bool:
         """Downward-closed: every cut of a captured graph sends tensors only (see crossing)."""
@@ -214,7 +253,13 @@ class Graph:
         if index <= self.cloud_only_index or index == self.edge_only_index:
             return True
         node = self.nodes[index]
-        return node.name in self._live and node.is_tensor
+        if node.name not in self._live or node.is_recomputed:
+            return False
+        if self.all_batched:
+            return True
+        if index not in self._candidate:  # O(nodes) per prefix: computed once
+            self._candidate[index] = self.is_sendable(self.prefix_head(index))
+        return self._candidate[index]
 
     def prefix_head(self, index: int) -> frozenset[str]:
         """The head made of the first index+1 nodes of the topological order."""
@@ -237,15 +282,18 @@ class Graph:
                 head.add(n.name)
         return frozenset(head)
 
-    def head_from_crossing(self, tensors: Iterable[str]) -> frozenset[str]:
+    def head_from_crossing(self, tensors: Iterable[str], *, sendable: bool = True) -> frozenset[str]:
         """The smallest head whose crossing set is `tensors`: their ancestors, inputs included,
-        and the checks that read only head values."""
+        and the checks that read only head values (with `sendable`, tensors without the
+        batch in dim 0 are refused: no cut may send them)."""
         wanted = list(tensors)
         for t in wanted:
             if t not in self._index:
                 raise UserError(f"unknown tensor {t!r} in cut")
             if not self.node(t).is_tensor or t not in self._live:
                 raise UserError(f"{t!r} is not a tensor that can cross a cut")
+            if sendable and not self.node(t).can_cross:
+                raise UserError(self._not_batched(t))
         head: set[str] = set(self.placeholders)
         stack = list(wanted)
         while stack:
@@ -263,7 +311,7 @@ class Graph:
             return frozenset(self.names)
         if self.is_cloud_only(hs):
             return self._with_checks(set(self.placeholders))
-        return self.head_from_crossing(self.crossing(hs))
+        return self.head_from_crossing(self.crossing(hs), sendable=False)
 
     def is_cloud_only(self, head: Iterable[str]) -> bool:
         """True when the head computes nothing but the inputs (checks on them aside)."""
@@ -287,9 +335,23 @@ class Graph:
             return frozenset(self.names)
         if cut_id == CLOUD_ONLY:
             return self._with_checks(set(self.placeholders))
-        if cut_id.isdigit():
-            return self.prefix_head(int(cut_id))
-        return self.head_from_crossing(cut_id.split(","))
+        head = self.prefix_head(int(cut_id)) if cut_id.isdigit() else self.head_from_crossing(cut_id.split(","))
+        if not self.is_sendable(head):
+            bad = next(t for t in self.crossing(head) if not self.node(t).can_cross)
+            raise UserError(f"cut {cut_id[:64]!r} cannot be served: {self._not_batched(bad)}")
+        return head
+
+    def _not_batched(self, name: str) -> str:
+        n = self.node(name)
+        why = {
+            "mixed": "the batch is folded into another dimension",
+            "free": "it has no batch dimension",
+            "const": "it is recomputed by the tail, never sent",
+        }.get(n.batch, n.batch)
+        return (
+            f"tensor {name!r} {list(n.shape or ())} does not lead with the batch ({why}); the worker batches "
+            "along dim 0, so no cut may send it: pick a cut `splitinfer inspect` lists"
+        )
 
     def prefix_index_of(self, head: Iterable[str]) -> int | None:
         """The index i when this head is exactly the first i+1 nodes, else None."""
@@ -341,6 +403,7 @@ def capture(module: torch.nn.Module, example_input: Example) -> tuple[fx.GraphMo
     gm.meta["splitinfer_tracer"] = tracer
     with torch.no_grad():
         ShapeProp(gm).propagate(*flat_inputs(example_input))
+    batch = classify(gm, flat_inputs(example_input))
     nodes: list[GraphNode] = []
     outputs: tuple[str, ...] = ()
     for n in gm.graph.nodes:
@@ -373,6 +436,7 @@ def capture(module: torch.nn.Module, example_input: Example) -> tuple[fx.GraphMo
                 shape=shape,
                 dtype=dtype,
                 nbytes=nbytes,
+                batch=batch.get(n.name, BATCHED) if is_tensor else BATCHED,
             )
         )
     if not outputs:

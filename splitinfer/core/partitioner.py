@@ -228,7 +228,7 @@ class Partitioner(ObjectiveMixin):
             local = all(o in head for o in g.outputs)
             tensors = tuple(crossing)
             sent_bytes = sent
-            if not all(g.node(t).is_tensor for t in tensors):  # ints the tail recomputes
+            if not all(g.node(t).can_cross for t in tensors):  # values the tail recomputes
                 tensors = tuple(g.crossing(frozen))
                 sent_bytes = sum(g.node(t).nbytes for t in tensors)
             bd = combine(
@@ -289,7 +289,7 @@ class Partitioner(ObjectiveMixin):
                 best, best_j = math.inf, 0
                 for j in range(1, len(unit)):  # v1..vj on the edge, the rest in the cloud
                     sent = g.node(unit[j - 1])
-                    if not sent.is_tensor:
+                    if not sent.can_cross:  # only tensors that lead with the batch are sent
                         continue
                     cost = (
                         sum(edge_ms[v] for v in unit[:j])
@@ -309,9 +309,11 @@ class Partitioner(ObjectiveMixin):
             if not consumers:
                 continue
             n = g.node(exit_)
-            send = {"capacity": _units(upload_ms(n.nbytes, link, self.codec))} if n.is_tensor else {}
+            # no capacity (infinite): non-tensors, and tensors without the batch in dim 0,
+            # are never sent (Graph.is_sendable)
+            send = {"capacity": _units(upload_ms(n.nbytes, link, self.codec))} if n.can_cross else {}
             if len(consumers) == 1:
-                fg.add_edge(exit_, consumers[0], **send)  # no capacity: non-tensors cannot be sent
+                fg.add_edge(exit_, consumers[0], **send)
             else:
                 # one auxiliary node, so a tensor read by several tail nodes is sent once
                 aux = ("tensor", exit_)

@@ -34,6 +34,7 @@ from splitinfer.wire.protocol import ErrorMessage, InferRequest, InferResult, de
 pytestmark = pytest.mark.slow
 
 MODEL = "tinycnn"
+LONG_WAIT_MS = 250.0  # a --max-wait-ms no lone request should sit out
 RAY = str(Path(sys.executable).parent / "ray")
 # Token authentication, as a real cluster should run: every node and the worker share it.
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
@@ -139,7 +140,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     finally:
         for n in reversed(nodes):
             n.kill()
-        left = _alive(set().union(*(n.pids for n in nodes)))
+        started = set().union(*(n.pids for n in nodes))
+        t0 = time.monotonic()
+        while (left := _alive(started)) and time.monotonic() - t0 < 5.0:  # SIGKILLed ones may take a moment to go
+            time.sleep(0.1)
         assert not left, f"ray processes left running: {left}"
 
 
@@ -176,6 +180,21 @@ async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, 
         return _served(await resp.text())
 
 
+async def _lone_requests_run_at_once(s: aiohttp.ClientSession, url: str, req: InferRequest, replicas: int) -> None:
+    """One request at a time: like the local batcher, a replica waits for company at most
+    EAGER_AFTER times in vain, then runs a lone request at once (not after LONG_WAIT_MS)."""
+    from splitinfer.cloud.batcher import EAGER_AFTER
+
+    took = []
+    for i in range(12):
+        start = time.monotonic()
+        assert isinstance(await _post(s, url, replace(req, id=f"lone{i}")), InferResult)
+        took.append((time.monotonic() - start) * 1e3)
+    waited = [ms for ms in took if ms >= LONG_WAIT_MS * 0.95]
+    assert len(waited) <= EAGER_AFTER * replicas, took  # each replica waits in vain at most EAGER_AFTER times
+    assert sorted(took)[len(took) // 2] < LONG_WAIT_MS * 0.6, took
+
+
 def _ray_worker(cluster: dict, *args: str) -> CloudProcess:
     return CloudProcess("--model", MODEL, "--backend", "ray", "--ray-address", cluster["address"], "--replicas", "2",
                         *args, timeout_s=240, env=ENV)  # fmt: skip
@@ -196,9 +215,11 @@ def test_backend_options_are_checked(cloud_process) -> None:
 
 
 def test_two_nodes_serve_as_one_worker(cluster: dict, tail_request, cloud_process) -> None:
+    """Both nodes answer, as one worker; then a lone request on an idle replica runs at once
+    (a long --max-wait-ms makes a needless wait for company plain to see)."""
     req, expected = tail_request
     local = cloud_process("--model", MODEL)
-    with _ray_worker(cluster, "--max-batch", "4") as cloud:
+    with _ray_worker(cluster, "--max-batch", "4", "--max-wait-ms", str(LONG_WAIT_MS)) as cloud:
 
         async def run() -> None:
             async with aiohttp.ClientSession() as s:
@@ -215,6 +236,7 @@ def test_two_nodes_serve_as_one_worker(cluster: dict, tail_request, cloud_proces
                 async with s.get(cloud.url + "/healthz") as r:
                     backend = (await r.json())["backend"]
                 assert backend["name"] == "ray" and backend["replicas"] == 2 and not backend["local_ray"]
+                await _lone_requests_run_at_once(s, cloud.url, req, replicas=2)
 
         asyncio.run(run())
         assert cloud.terminate() == 0
@@ -328,3 +350,19 @@ def test_ray_head_gone(cluster: dict, tail_request) -> None:
 
         asyncio.run(run())
         assert cloud.terminate(timeout_s=60) == 0  # and it still exits cleanly
+
+
+def test_replica_model_predictions() -> None:
+    """The replica model (simulations/replicas.py) on known cases: N replicas of a 50 ms tail
+    serve N/50 ms with enough clients, a lone client sees one service time plus overhead,
+    and batching helps only as far as the measured batch cost allows."""
+    from splitinfer.simulations.replicas import predict_replicas, service_curve
+
+    assert service_curve({1: 10.0, 4: 25.0}, 6) == [10.0, 15.0, 20.0, 25.0, 31.25, 37.5]
+    for n in (1, 2, 4):
+        p = predict_replicas({1: 50.0}, n, 32, overhead_ms=0.0, requests=800)
+        assert p.throughput_rps == pytest.approx(20.0 * n, rel=0.02) and p.p50_ms == pytest.approx(32 * 50.0 / n, rel=0.05)
+    lone = predict_replicas({1: 50.0}, 2, 1, overhead_ms=4.0, requests=200)
+    assert lone.p50_ms == pytest.approx(54.0) and lone.throughput_rps == pytest.approx(1e3 / 54.0, rel=0.01)
+    batched = predict_replicas({1: 50.0, 32: 800.0}, 1, 32, max_batch=32, requests=800)
+    assert batched.mean_batch > 28 and batched.throughput_rps == pytest.approx(32 / 0.8, rel=0.1)

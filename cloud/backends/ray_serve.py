@@ -66,8 +66,12 @@ class RayBackend(Backend):
         self.app_name = f"splitinfer-{config.worker_id}"
         self.admission = Admission(config.max_queue, client_limit(config.max_batch, config.max_queue, config.client_share))
         most = config.autoscale[1] if config.autoscale else config.replicas
-        self.max_ongoing = 2 * max(1, config.max_batch)  # per replica: a batch running, the next one gathering
-        self.gate = FairGate(most * self.max_ongoing)
+        share = 2 * max(1, config.max_batch)  # calls out per replica: a batch running, the next one gathering
+        self.gate = FairGate(most * share)
+        # Ray Serve's own cap per replica, above our share: a replica counts a call until its answer
+        # has left, so at exactly our share it rejects the next call now and then, and the handle
+        # backs off (25 ms and more) before trying again
+        self.max_ongoing = 2 * share
         self.handle: Any = None
         self.gcs_address = ""
         self.down = ""  # why the cluster cannot be used right now ("" while it can)

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import torch
 
+from splitinfer.bench.cloud_predict import measure_service_ms, predictions
 from splitinfer.cloud.process import CloudProcess
 from splitinfer.errors import UserError
 from splitinfer.core.graph import capture
@@ -111,11 +112,16 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
                     point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
                     results.append({"backend": backend, "replicas": replicas, "batching": batching, **point})
     top = max(settings.concurrency)
+    prediction = None
+    if "ray" in settings.backends:  # what the replica model predicts from one replica's service time
+        service = measure_service_ms(split.run_tail, reqs[0].tensors, settings.max_batch, settings.threads or 1)
+        prediction = predictions(results, service, settings.max_batch)
     return {
         "model": lm.name,
         "cut": {"index": index, "id": graph.cut_id(head), "bytes": graph.cut_bytes(head)},
         "max_batch": settings.max_batch,
         "max_wait_ms": settings.max_wait_ms,
+        "threads": settings.threads,  # torch threads per worker / replica (None: local torch's default, ray 1)
         "backends": list(settings.backends),
         "replicas": list(settings.replicas),
         "results": results,
@@ -126,6 +132,8 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
         "ray_vs_local_at_max_concurrency": _ratio(results, top, ("ray", 1, True), ("local", 1, True)),
         # ray, 2 vs 1 replicas with batching off, at the most clients (target >= 1.5 on 2 cores)
         "two_vs_one_replica_at_max_concurrency": _ratio(results, top, ("ray", 2, False), ("ray", 1, False)),
+        # ray: per-batch-size service time of one replica and the predicted vs measured rows
+        "prediction": prediction,
     }
 
 

@@ -17,13 +17,16 @@ import asyncio
 import copy
 import hashlib
 import logging
+import threading
 from typing import Any, Protocol
 
 import aiohttp
 import torch
 
+from splitinfer.edge.client import normalize_url
 from splitinfer.edge.config import AgentConfig
 from splitinfer.edge.head import HeadRunner
+from splitinfer.edge.tls import Trust, decide
 from splitinfer.errors import UserError
 from splitinfer.models.signing import TrustSet
 from splitinfer.models.spec import LoadedModel
@@ -37,6 +40,10 @@ PART_BYTES = 64 * 2**20  # tensors asked for in parts of about this many bytes
 PART_NAME_CHARS = 6000  # and of names this long at most (a worker's request line is limited to 8 KiB)
 RETRIES = 3
 CANARY_CHECKS = 50  # answers of a canary version compared with the previous version (top-1)
+# torch.fx tracing patches torch.nn.Module.__call__ for the whole process while it runs, so a
+# new runner is built on the running runner's torch thread (never beside this agent's own
+# requests) and one at a time in a process (several agents in one process: tests, benchmarks).
+_BUILD_LOCK = threading.Lock()
 
 
 class _Agent(Protocol):
@@ -62,7 +69,13 @@ class UpdateFollower:
         if not cfg.cloud_urls:
             raise UserError("--follow-updates needs --cloud URL (the worker holding the model store)")
         self.agent = agent
-        self.url = cfg.cloud_urls[0].rstrip("/")
+        self.url = normalize_url(cfg.cloud_urls[0])
+        # the same TLS settings and token rule as the agent's CloudClient for this (user-chosen) URL
+        link = decide(self.url, static=True, tls=cfg.tls, has_token=cfg.token is not None)
+        assert isinstance(link, Trust)  # a static URL is always allowed
+        self.link = link
+        # per request: the context (CA, client certificate); a pin goes on the connector
+        self._ssl: Any = link.ssl_context if link.ssl_context is not None else True
         self.trust = TrustSet.from_files(cfg.trust)
         if not self.trust.keys:
             raise UserError("--follow-updates needs --trust KEY.pub: updates are only taken signed")
@@ -140,13 +153,16 @@ class UpdateFollower:
             return
         self._pending = {"requests": 0, "disagreements": 0, "errors": 0}
         body = {"version": self.canary_version, **pending}
-        async with session.post(f"{self.url}/v1/models/{model}/report", json=body) as resp:
+        async with session.post(f"{self.url}/v1/models/{model}/report", json=body, ssl=self._ssl) as resp:
             if resp.status != 200:
                 log.info("canary report refused: HTTP %d", resp.status)
 
     async def _loop(self) -> None:
-        headers = {"Authorization": f"Bearer {self.agent.config.token}"} if self.agent.config.token else {}
-        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        token = self.agent.config.token
+        headers = {"Authorization": f"Bearer {token}"} if token and self.link.send_token else {}
+        fingerprint = aiohttp.Fingerprint(bytes.fromhex(self.link.pin)) if self.link.pin else True
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fingerprint), headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=300)) as session:  # fmt: skip
             while True:
                 try:
                     await self.check(session)
@@ -156,10 +172,12 @@ class UpdateFollower:
                     log.error("update refused: %s", exc)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                     log.info("update check failed: %s", exc)
+                except Exception:  # e.g. building the new runner failed: keep following, retry next poll
+                    log.warning("update check failed", exc_info=True)
                 await asyncio.sleep(self.poll_s)
 
     async def _json(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict:
-        async with session.get(self.url + path, params=params) as resp:
+        async with session.get(self.url + path, params=params, ssl=self._ssl) as resp:
             if resp.status != 200:
                 raise aiohttp.ClientError(f"{path}: HTTP {resp.status}: {(await resp.text())[:200]}")
             return await resp.json()
@@ -214,9 +232,7 @@ class UpdateFollower:
         state = {k: v for k, v in own.items() if k in manifest.tensors}
         state.update(fresh)
         await asyncio.to_thread(verify_tensors, manifest, state)  # UpdateRefused: nothing changes
-        new = await asyncio.to_thread(self._build, runner, state)
-        if self.agent.cut_id:
-            await new.prepare(self.agent.cut_id)
+        new = await runner.call(self._build, runner, state, self.agent.cut_id)
         log.info("staged %s v%d: %d of %d tensors downloaded", manifest.model, manifest.version, len(names),
                  len(manifest.tensors))  # fmt: skip
         return new
@@ -230,7 +246,7 @@ class UpdateFollower:
         for attempt in range(RETRIES):
             try:
                 async with session.get(f"{self.url}/v1/models/{manifest.model}/tensors",
-                                       params={**params, "offset": str(len(body))}) as resp:  # fmt: skip
+                                       params={**params, "offset": str(len(body))}, ssl=self._ssl) as resp:  # fmt: skip
                     if resp.status not in (200, 206):
                         raise aiohttp.ClientError(f"tensors: HTTP {resp.status}: {(await resp.text())[:200]}")
                     total = int(resp.headers.get("X-Total-Length", "0"))
@@ -251,12 +267,17 @@ class UpdateFollower:
             raise UpdateRefused(f"the cloud sent other tensors than asked for v{manifest.version}")
         return got
 
-    def _build(self, runner: HeadRunner, state: dict[str, torch.Tensor]) -> HeadRunner:
+    def _build(self, runner: HeadRunner, state: dict[str, torch.Tensor], cut_id: str) -> HeadRunner:
+        """A runner of the new weights with this agent's cut built (on the running runner's thread)."""
         module = copy.deepcopy(runner.loaded.module)
         module.load_state_dict(state, strict=True)
         module.eval()
         loaded = LoadedModel(name=runner.loaded.name, module=module, example_input=runner.loaded.example_input)
-        return HeadRunner(loaded, runner.threads)
+        with _BUILD_LOCK:
+            new = HeadRunner(loaded, runner.threads)
+            if cut_id:
+                new.split(cut_id)
+        return new
 
 
 def _parts(names: list[str], manifest: Manifest) -> list[list[str]]:

@@ -354,10 +354,11 @@ def ls_cmd(
                       c.get("tls", "https" if c.get("scheme") == "https" else "-"))
     console.print(table)
     table = Table(title=f"edge agents ({len(edges)})")
-    for col in ("name", "url", "model", "cut", "state", "cloud"):
+    for col in ("name", "url", "model", "version", "cut", "state", "cloud"):
         table.add_column(col)
     for e in edges:
-        table.add_row(e["name"], e["url"], e.get("model", ""), e.get("cut", ""), e.get("state", ""), e.get("cloud", ""))
+        table.add_row(e["name"], e["url"], e.get("model", ""), str(e.get("version") or "-"), e.get("cut", ""),
+                      e.get("state", ""), e.get("cloud", ""))  # fmt: skip
     console.print(table)
 
 

@@ -381,3 +381,38 @@ def test_rollout_under_load_loses_nothing_and_never_mismatches(cloud_process, st
             assert e1.updates.counters["updates"] == e2.updates.counters["updates"] == 1
 
     asyncio.run(go())
+
+
+def test_follow_updates_over_https_uses_the_agents_tls(cloud_process, store: ModelStore, keys, tmp_path: Path) -> None:
+    """--follow-updates against an https worker (token + client certificate required) with
+    --tls-ca: the follower uses the agent's TLS context, client certificate and token."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pki import make_pki
+
+    from splitinfer.edge.tls import ClientTLS
+
+    pki = make_pki(tmp_path / "pki")
+    w = cloud_process("-m", "tinycnn", "--store", str(store.root), "--trust", str(keys[1]), token="T",
+                      tls_cert=str(pki.server), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))  # fmt: skip
+    assert w.url.startswith("https://")
+    tls = ClientTLS(ca=str(pki.ca), cert=str(pki.client), key=str(pki.client_key))
+
+    async def go() -> None:
+        cfg = AgentConfig(model="tinycnn", cloud=w.url, cut="3", warmup=0, token="T", tls=tls,
+                          follow_updates=True, trust=(str(keys[1]),), update_poll_s=0.1)  # fmt: skip
+        async with EdgeAgent(cfg) as a:
+            await _until(lambda: a.updates.version == 1)
+            store.rollout("tinycnn", 2, None)
+            deadline = time.monotonic() + 60
+            while a.runner.weights_hash != state_hash(_finetuned()):  # the switch happens between requests
+                assert time.monotonic() < deadline, a.updates.describe()
+                assert (await a.infer(request_input(a.runner.loaded, 0))).source == "cloud"
+                await asyncio.sleep(0.05)
+            ans = await a.infer(request_input(a.runner.loaded, 1))
+            assert ans.ok and ans.source == "cloud"
+            assert a.runner.weights_hash == state_hash(_finetuned()) and a.updates.version == 2
+            assert a.updates.counters["refusals"] == 0 and a.updates.counters["bytes_downloaded"] > 0
+
+    asyncio.run(go())

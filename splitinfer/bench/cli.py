@@ -126,6 +126,7 @@ def bench_cloud_cmd(
     backend: str = typer.Option("local", "--backend", help="backends to measure, comma-separated: local, ray"),
     replicas: str = typer.Option("1", "--replicas", help="ray: replica counts to measure, comma-separated"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (default: a local Ray)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads of the local worker and of each ray replica (default: torch's / 1)"),
 ) -> None:
     """Worker throughput and p50/p95 latency with batching on and off, per backend."""
     from splitinfer.bench.cloud import BenchSettings, run_cloud_bench
@@ -145,9 +146,11 @@ def bench_cloud_cmd(
         raise UserError(f"--replicas must be comma-separated integers, got {replicas!r}") from None
     if not counts or min(counts) < 1:
         raise UserError("--replicas values must be positive")
+    _positive("--threads", threads)
     result = run_cloud_bench(
         BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds, max_batch=max_batch,
-                      max_wait_ms=max_wait_ms, backends=backends, replicas=counts, ray_address=ray_address)
+                      max_wait_ms=max_wait_ms, backends=backends, replicas=counts, ray_address=ray_address,
+                      threads=threads)
     )
     if json_out:
         emit_json(result)
@@ -164,7 +167,43 @@ def bench_cloud_cmd(
                       ("two_vs_one_replica_at_max_concurrency", "ray 2 / 1 replicas, batching off")):  # fmt: skip
         if result[key] is not None:
             console.print(f"{what} at {max(levels)} clients: {result[key]}x")
+    pred = result.get("prediction")
+    if pred:
+        table = Table(title=f"predicted from one replica's service time {pred['service_ms']} ms, overhead {pred['overhead_ms']} ms")
+        for col in ("replicas", "batching", "clients", "req/s predicted", "measured", "p50 ms predicted", "measured"):
+            table.add_column(col, justify="right")
+        for r in pred["rows"]:
+            table.add_row(str(r["replicas"]), "on" if r["batching"] else "off", str(r["concurrency"]),
+                          f"{r['predicted_rps']:.1f}", f"{r['measured_rps']:.1f}", f"{r['predicted_p50_ms']:.1f}",
+                          f"{r['measured_p50_ms']:.1f}")  # fmt: skip
+        console.print(table)
 
 
 
 bench_app.command("soak")(soak_cmd)
+
+
+@bench_app.command("update")
+def bench_update_cmd(
+    model: str = typer.Option("tinycnn", "--model", "-m", help="model (the changed layers are tinycnn's)"),
+    edges: int = typer.Option(4, "--edges", help="following edge agents"),
+    rate: float = typer.Option(10.0, "--rate", help="requests per second per edge during each rollout"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Delta bytes vs the whole model, publish-to-all-switched time, requests lost and fallbacks."""
+    from splitinfer.bench.update import run_update_bench
+
+    _positive("--rate", rate)
+    _positive("--edges", edges)
+    result = run_update_bench(model, edges=edges, rate=rate)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"model updates: {model}, {edges} edges at {rate:g} req/s each")
+    for col in ("change", "tensors sent", "bytes/edge", "full", "share", "switched (s)", "requests", "lost", "fallbacks"):
+        table.add_column(col)
+    for name, u in result["updates"].items():
+        table.add_row(name, f"{u['tensors_sent']}/{u['tensors']}", f"{u['bytes_per_edge']:,}", f"{u['full_bytes']:,}",
+                      f"{u['share']:.2%}", f"{u['publish_to_all_switched_s']:.2f}", str(u["requests"]), str(u["lost"]),
+                      str(u["fallbacks"]))  # fmt: skip
+    console.print(table)

@@ -38,6 +38,7 @@ import torch
 from splitinfer.cloud.backends.base import Admission, DeadlineExceeded, JobResult, Overloaded, client_limit
 from splitinfer.cloud.registry import Tail
 from splitinfer.core.split import outputs_dict
+from splitinfer.util.rwlock import MODEL_LOCK
 
 __all__ = ["Batcher", "DeadlineExceeded", "Job", "JobResult", "Overloaded", "run_batch", "run_merged"]
 
@@ -71,7 +72,7 @@ def run_merged(tail: Tail, inputs: list[dict[str, torch.Tensor]], sizes: list[in
     """One tail run for several requests' inputs (``sizes[i]`` samples each); outputs per request.
 
     Shared by the in-process batcher and the Ray Serve replicas (cloud/backends/ray_replica.py)."""
-    with torch.inference_mode():
+    with MODEL_LOCK.shared(), torch.inference_mode():
         if len(inputs) == 1:
             return [outputs_dict(tail.split.run_tail(inputs[0]))]
         merged = {s.name: torch.cat([t[s.name] for t in inputs]) for s in tail.inputs}

@@ -19,6 +19,7 @@ import torch
 from splitinfer.edge.head import outputs_dict
 from splitinfer.errors import UserError
 from splitinfer.models.loader import LoadedModel
+from splitinfer.util.rwlock import MODEL_LOCK
 
 __all__ = ["FallbackRunner", "default_fallback", "top1_confidence"]
 
@@ -50,7 +51,7 @@ class FallbackRunner:
 
     def _run(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         started = time.perf_counter()
-        with torch.inference_mode():
+        with MODEL_LOCK.shared(), torch.inference_mode():
             out = outputs_dict(self.loaded.module(x))
         return out, (time.perf_counter() - started) * 1e3
 

@@ -24,6 +24,7 @@ from splitinfer.core.inputs import Inputs, call_module, positional
 from splitinfer.edge.cutinfo import CutInfo
 from splitinfer.models.loader import LoadedModel, weights_hash
 from splitinfer.core.split import SplitModel, outputs_dict, split_model
+from splitinfer.util.rwlock import MODEL_LOCK
 
 __all__ = ["HeadRunner", "outputs_dict", "EDGE_OUTPUT"]
 
@@ -122,13 +123,13 @@ class HeadRunner:
         split = self.split(cut_id)
         args = positional(self.graph.placeholders, x)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with MODEL_LOCK.shared(), torch.inference_mode():
             out = split.run_head(*args)
         return out, (time.perf_counter() - start) * 1e3
 
     def _run_full_sync(self, x: Inputs) -> tuple[dict[str, torch.Tensor], float]:
         start = time.perf_counter()
-        with torch.inference_mode():
+        with MODEL_LOCK.shared(), torch.inference_mode():
             out = call_module(self.loaded.module, x)
         return outputs_dict(out), (time.perf_counter() - start) * 1e3
 

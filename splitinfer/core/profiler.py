@@ -16,6 +16,7 @@ import torch.fx as fx
 from splitinfer.core.graph import Graph, capture
 from splitinfer.core.inputs import Inputs, batch_size, first_tensor, positional
 from splitinfer.core.profile import Profile
+from splitinfer.util.rwlock import MODEL_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def profile_model(
     with torch_threads(threads), torch.inference_mode():
         for i in range(warmup + repeats):
             interp.recording = i >= warmup
-            interp.run(*args)
+            with MODEL_LOCK.shared():  # no trace elsewhere in the process meanwhile (util.rwlock)
+                interp.run(*args)
             if progress:
                 progress(i + 1, warmup + repeats)
     node_ms = {k: statistics.median(v) for k, v in samples.items()}

@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
 from splitinfer.errors import UserError
+from splitinfer.util.rwlock import MODEL_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +398,11 @@ def trace_module(module: torch.nn.Module, example: Example) -> tuple[fx.GraphMod
     """A flat GraphModule of `module` and the tracer that made it (FX or EXPORT).
 
     fx's graph is kept only when it reproduces the model exactly on the example."""
+    with MODEL_LOCK.exclusive():  # fx patches Module.__call__ process-wide while it traces
+        return _trace_module(module, example)
+
+
+def _trace_module(module: torch.nn.Module, example: Example) -> tuple[fx.GraphModule, str]:
     flat_inputs(example)  # every input must be a tensor
     args, kwargs = _split_example(example)
     failures: list[TracerFailure] = []

@@ -123,10 +123,13 @@ class BatterySaver:
             if self._pending is not None or self.clock() - self._read_at < self.poll_s:
                 return
             try:
-                self._pending = self._pool.submit(self._read)
+                fut = self._pool.submit(self._read)
             except RuntimeError:  # closed
                 return
-            self._pending.add_done_callback(self._done)
+            self._pending = fut
+        # Outside the lock: a read that is already done runs _done here, at once, and _done
+        # takes the lock (inside it, that was a deadlock).
+        fut.add_done_callback(self._done)
 
     def _done(self, fut: Future) -> None:
         level = None if fut.cancelled() or fut.exception() is not None else fut.result()

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splitinfer.errors import UserError
+from splitinfer.util.options import ModelOpt, require_positive
 from splitinfer.util.output import emit_json
 
 app = typer.Typer(
@@ -28,14 +29,6 @@ app = typer.Typer(
 
 console = Console()
 err_console = Console(stderr=True)
-
-ModelOpt = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
-
 
 # --------------------------------------------------------------------------- models
 @app.command("models")
@@ -92,7 +85,7 @@ def profile_cmd(
     from splitinfer.core.profiler import profile_model
 
     for name, value in (("--threads", threads), ("--batch", batch), ("--repeats", repeats), ("--slowdown", slowdown)):
-        _positive(name, value)
+        require_positive(name, value)
     lm = load_model(model)
     started = time.perf_counter()
     with Progress(console=err_console, transient=True) as bar:
@@ -237,7 +230,7 @@ def _objective_options(
 
     if objective not in OBJECTIVES:
         raise UserError(f"unknown --objective {objective!r}: use {', '.join(OBJECTIVES)}")
-    _positive("--deadline-ms", deadline_ms)
+    require_positive("--deadline-ms", deadline_ms)
     pw = load_power(power) if power is not None else power_of(edge)
     if link_type is not None:
         pw = pw.on(link_type)
@@ -327,7 +320,7 @@ def ls_cmd(
 
     from splitinfer.discovery.mdns import browse_all
 
-    _positive("--timeout", timeout)
+    require_positive("--timeout", timeout)
     found = asyncio.run(browse_all(timeout, interface))
     checked: dict[str, str] = {}
     if tls_ca:  # each https worker's certificate, checked on a real handshake

@@ -11,20 +11,13 @@ from rich.table import Table
 
 from splitinfer.bench.soak_cli import soak_cmd
 from splitinfer.errors import UserError
+from splitinfer.util.options import ModelOpt, require_positive
 from splitinfer.util.output import emit_json
 
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 console = Console()
-
-ModelOpt = typer.Option(..., "--model", "-m", help="built-in name, path/to/file.py:function or package.module:function")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise UserError(f"{name} must be positive, got {value}")
-
 
 @bench_app.command("codec")
 def bench_codec_cmd(
@@ -61,8 +54,8 @@ def bench_compression_cmd(
     from splitinfer.bench.compression import run_compression_bench
     from splitinfer.models.loader import load_model
 
-    _positive("--cuts", cuts)
-    _positive("--samples", samples)
+    require_positive("--cuts", cuts)
+    require_positive("--samples", samples)
     lm = load_model(model)
     labels = None
     if lm.name.endswith("digits"):
@@ -146,7 +139,7 @@ def bench_cloud_cmd(
         raise UserError(f"--replicas must be comma-separated integers, got {replicas!r}") from None
     if not counts or min(counts) < 1:
         raise UserError("--replicas values must be positive")
-    _positive("--threads", threads)
+    require_positive("--threads", threads)
     result = run_cloud_bench(
         BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, backends=backends, replicas=counts, ray_address=ray_address,
@@ -193,8 +186,8 @@ def bench_update_cmd(
     """Delta bytes vs the whole model, publish-to-all-switched time, requests lost and fallbacks."""
     from splitinfer.bench.update import run_update_bench
 
-    _positive("--rate", rate)
-    _positive("--edges", edges)
+    require_positive("--rate", rate)
+    require_positive("--edges", edges)
     result = run_update_bench(model, edges=edges, rate=rate)
     if json_out:
         emit_json(result)

@@ -22,13 +22,16 @@ The worker batches along dim 0, so only ``batched`` tensors (dim 0 is the batch)
 sent: a cut that would send another (GPT-2's ``(B*L, C)`` views, Swin's windows) is not a
 candidate, and naming it is refused (`Graph.is_sendable`).
 
+Inputs and outputs marked as *state* (a cache: ``capture(..., state_inputs=...,
+state_outputs=...)``) stay on their side and never cross: `splitinfer.core.state`.
+
 Tracing lives in `splitinfer.core.tracing`; `capture` here records shapes and bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -36,6 +39,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from splitinfer.core.batchdims import BATCHED, CONST, classify
+from splitinfer.core.state import StateMixin, StateSpec, state_slots
 from splitinfer.core.tracing import Example, flat_inputs, trace_module
 from splitinfer.errors import UserError
 
@@ -55,6 +59,7 @@ class GraphNode:
     dtype: str | None
     nbytes: int  # output bytes at the captured batch size (0 for non-tensors)
     batch: str = BATCHED  # batched | const | free | mixed (core.batchdims)
+    state: str = ""  # the cache slot of a state input/output (core.state); "" for others
 
     @property
     def is_tensor(self) -> bool:
@@ -82,6 +87,8 @@ class GraphNode:
         }
         if self.batch != BATCHED:  # written only when it says something: old files unchanged
             d["batch"] = self.batch
+        if self.state:
+            d["state"] = self.state
         return d
 
     @staticmethod
@@ -95,11 +102,12 @@ class GraphNode:
             dtype=d.get("dtype"),
             nbytes=int(d["nbytes"]),
             batch=str(d.get("batch", BATCHED)),
+            state=str(d.get("state", "")),
         )
 
 
 @dataclass(frozen=True)
-class Graph:
+class Graph(StateMixin):
     """The model as a DAG: nodes in topological order and the nodes that form the output."""
 
     nodes: tuple[GraphNode, ...]
@@ -125,7 +133,9 @@ class Graph:
                 live.update(n.inputs)
         self._live.update(dict.fromkeys(live))
         # -1: whether every tensor leads with the batch (then no prefix is excluded for it)
-        self._candidate[-1] = all(n.batch == BATCHED for n in self.nodes if n.is_tensor and n.op != "placeholder")
+        self._candidate[-1] = not self.has_state and all(
+            n.batch == BATCHED for n in self.nodes if n.is_tensor and n.op != "placeholder"
+        )
 
     # -- lookups ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -154,7 +164,8 @@ class Graph:
 
     @property
     def output_bytes(self) -> int:
-        return sum(self.node(o).nbytes for o in self.outputs)
+        """Bytes of the result (state outputs stay where they are made: not counted)."""
+        return sum(self.node(o).nbytes for o in self.outputs if not self.node(o).state)
 
     def fingerprint(self) -> str:
         """Hash of the structure with the batch dimension left out, to match profiles."""
@@ -162,6 +173,8 @@ class Graph:
         for n in self.nodes:
             shape = list(n.shape[1:]) if n.shape else None
             h.update(repr((n.name, n.op, n.target, n.inputs, shape, n.dtype)).encode())
+            if n.state:  # only state graphs hash it: every other fingerprint is unchanged
+                h.update(repr(("state", n.state)).encode())
         h.update(repr(self.outputs).encode())
         return h.hexdigest()[:16]
 
@@ -182,12 +195,13 @@ class Graph:
         """Live nodes of the head that the tail reads (tensors or not), in topological order."""
         if all(o in hs for o in self.outputs):
             return []
-        outputs = set(self.outputs)
+        outputs = {o for o in self.outputs if not self.node(o).state}  # state stays on its side
         return [
             n.name
             for n in self.nodes
             if n.name in hs
             and n.name in self._live
+            and not (n.state and n.op == "placeholder")  # a state input lives where it is read
             and (n.name in outputs or any(c not in hs and c in self._live for c in self.consumers(n.name)))
         ]
 
@@ -206,7 +220,7 @@ class Graph:
                 continue
             redo.add(name)
             for i in self.node(name).inputs:
-                if i in hs and i not in sent:
+                if i in hs and i not in sent and not (self.node(i).state and self.node(i).op == "placeholder"):
                     if not self.node(i).is_recomputed:
                         sent.add(i)
                     else:
@@ -232,6 +246,8 @@ class Graph:
         """Whether every tensor this head sends leads with the batch (placeholders are sent
         as the inputs they are): the worker takes nothing else."""
         hs = set(head)
+        if self.has_state and self.state_conflicts(hs):  # it would ship a cache (core.state)
+            return False
         if self.is_cloud_only(hs):
             return True
         return all(self.node(t).can_cross for t in self.crossing(hs))
@@ -311,7 +327,9 @@ class Graph:
             return frozenset(self.names)
         if self.is_cloud_only(hs):
             return self._with_checks(set(self.placeholders))
-        return self.head_from_crossing(self.crossing(hs), sendable=False)
+        # state outputs made in the head stay there (core.state): their ancestors stay too
+        kept = [o for o in self.state_outputs if o in hs] if self.has_state else []
+        return self.head_from_crossing([*self.crossing(hs), *kept], sendable=False)
 
     def is_cloud_only(self, head: Iterable[str]) -> bool:
         """True when the head computes nothing but the inputs (checks on them aside)."""
@@ -337,6 +355,9 @@ class Graph:
             return self._with_checks(set(self.placeholders))
         head = self.prefix_head(int(cut_id)) if cut_id.isdigit() else self.head_from_crossing(cut_id.split(","))
         if not self.is_sendable(head):
+            if self.has_state and self.state_conflicts(head):
+                why = self.state_conflicts(head)[0]
+                raise UserError(f"cut {cut_id[:64]!r} cannot be served: {why}, and state never crosses a cut")
             bad = next(t for t in self.crossing(head) if not self.node(t).can_cross)
             raise UserError(f"cut {cut_id[:64]!r} cannot be served: {self._not_batched(bad)}")
         return head
@@ -394,11 +415,20 @@ def _flatten_nodes(arg: object) -> list[fx.Node]:
     return found
 
 
-def capture(module: torch.nn.Module, example_input: Example) -> tuple[fx.GraphModule, Graph]:
+def capture(
+    module: torch.nn.Module,
+    example_input: Example,
+    *,
+    state_inputs: StateSpec = (),
+    state_outputs: StateSpec = (),
+) -> tuple[fx.GraphModule, Graph]:
     """Trace `module` (core.tracing) and record every node's output shape and bytes.
 
     `example_input` is a tensor, a tuple of tensors, or a dict of tensors by argument name;
-    the graph's placeholders take them positionally in that order (`tracing.flat_inputs`)."""
+    the graph's placeholders take them positionally in that order (`tracing.flat_inputs`).
+    `state_inputs` / `state_outputs` mark caches (indices into the flat inputs and into
+    the flat outputs, or {index: slot} to pair them): they stay on their side of every cut
+    (`splitinfer.core.state`)."""
     gm, tracer = trace_module(module, example_input)
     gm.meta["splitinfer_tracer"] = tracer
     with torch.no_grad():
@@ -441,4 +471,8 @@ def capture(module: torch.nn.Module, example_input: Example) -> tuple[fx.GraphMo
         )
     if not outputs:
         raise UserError("the model returns no tensor")
+    if state_inputs or state_outputs:
+        phs = [n.name for n in nodes if n.op == "placeholder"]
+        marks = state_slots(phs, list(outputs), state_inputs, state_outputs)
+        nodes = [replace(n, state=marks[n.name]) if n.name in marks else n for n in nodes]
     return gm, Graph(nodes=tuple(nodes), outputs=outputs)

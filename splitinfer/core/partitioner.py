@@ -228,7 +228,7 @@ class Partitioner(ObjectiveMixin):
             local = all(o in head for o in g.outputs)
             tensors = tuple(crossing)
             sent_bytes = sent
-            if not all(g.node(t).can_cross for t in tensors):  # values the tail recomputes
+            if g.has_state or not all(g.node(t).can_cross for t in tensors):  # recomputed values, caches
                 tensors = tuple(g.crossing(frozen))
                 sent_bytes = sum(g.node(t).nbytes for t in tensors)
             bd = combine(
@@ -276,11 +276,13 @@ class Partitioner(ObjectiveMixin):
         inner_cut: dict[tuple[str, str], list[str]] = {}  # (entry, exit) -> best inner head
         for unit in self.chains:
             entry, exit_ = unit[0], unit[-1]
-            if entry in g.placeholders:
+            if entry in g.placeholders and g.node(entry).state:
+                fg.add_node(entry)  # a state input lives with its readers (tied below), not on the edge
+            elif entry in g.placeholders:
                 fg.add_edge(_SOURCE, entry)  # no capacity: infinite, inputs live on the edge
             else:
                 fg.add_edge(_SOURCE, entry, capacity=_units(sum(cloud_ms[v] for v in unit)))
-            if exit_ in g.outputs:
+            if exit_ in g.outputs and not g.node(exit_).state:
                 fg.add_edge(exit_, _SINK)  # the result is produced in the cloud for a split
             else:
                 fg.add_edge(exit_, _SINK, capacity=_units(sum(edge_ms[v] for v in unit)))
@@ -311,7 +313,8 @@ class Partitioner(ObjectiveMixin):
             n = g.node(exit_)
             # no capacity (infinite): non-tensors, and tensors without the batch in dim 0,
             # are never sent (Graph.is_sendable)
-            send = {"capacity": _units(upload_ms(n.nbytes, link, self.codec))} if n.can_cross else {}
+            # and state (core.state): a cache is never sent, so it sits with its readers
+            send = {"capacity": _units(upload_ms(n.nbytes, link, self.codec))} if n.can_cross and not n.state else {}
             if len(consumers) == 1:
                 fg.add_edge(exit_, consumers[0], **send)
             else:
@@ -320,6 +323,9 @@ class Partitioner(ObjectiveMixin):
                 fg.add_edge(exit_, aux, **send)
                 for c in consumers:
                     fg.add_edge(aux, c)
+        for state_in, state_out in g.state_pairs():  # one cache before and after: one side
+            fg.add_edge(state_in, state_out)
+            fg.add_edge(state_out, state_in)
         return fg, inner_cut
 
     def best_split(self, link: Link) -> frozenset[str] | None:

@@ -85,6 +85,8 @@ def split_model(gm: fx.GraphModule, graph: Graph, head: frozenset[str]) -> Split
     tensors that cross it, and every head with those tensors builds the same halves."""
     if not graph.is_downward_closed(head):
         raise ValueError("the head of a cut must be downward-closed")
+    if graph.has_state:  # caches stay on their side: each side runs its blocks over its own
+        raise ValueError("a graph with state (a cache) is split by its model's step code (models.kvcache), not here")
     head = graph.canonical_head(head)
     redo = graph.recomputed(head)
     crossing = tuple(graph.crossing(head))

@@ -118,11 +118,19 @@ class CausalLM(nn.Module):
     def n_layers(self) -> int:
         return self.cfg.n_layers
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids and their absolute positions -> (B, T, D) hidden states."""
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """(B, T) token ids and their absolute positions -> (B, T, D) hidden states.
+
+        ``check=False`` skips :meth:`check_positions` (a Python test on a tensor value, which
+        tracers cannot follow: the traced decode step checks before it runs)."""
+        if check:
+            self.check_positions(positions)
+        return self.tok(tokens) + self.pos(positions)
+
+    def check_positions(self, positions: torch.Tensor) -> None:
+        """Refuse positions past the model's context."""
         if int(positions.max()) >= self.cfg.max_ctx:
             raise ValueError(f"position {int(positions.max())} is past the context of {self.cfg.max_ctx}")
-        return self.tok(tokens) + self.pos(positions)
 
     def empty_past(self, batch: int) -> tuple[KV, torch.Tensor]:
         """Past keys/values of no positions, and its (B, 0) mask."""

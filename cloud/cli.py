@@ -47,6 +47,9 @@ def cloud_cmd(
     answer_cache_mb: float = typer.Option(_default("answer_cache_bytes") / 2**20, "--answer-cache-mb", help="MiB of answers kept for retried request ids"),
     idle_timeout_s: float = typer.Option(_default("idle_timeout_s"), "--idle-timeout-s", help="close idle keep-alive connections and unfinished headers after this"),
     body_timeout_s: float = typer.Option(_default("body_timeout_s"), "--body-timeout-s", help="grace for a request body, on top of its size at the minimum rate"),
+    max_sessions: int = typer.Option(_default("max_sessions"), "--max-sessions", help="LM sessions open at once; beyond, the least recently used idle one is evicted"),
+    session_ttl_s: float = typer.Option(_default("session_ttl_s"), "--session-ttl-s", help="an LM session idle this long is dropped"),
+    session_max_bytes: int = typer.Option(_default("session_max_bytes"), "--session-max-bytes", help="KV-cache bytes of all LM sessions; beyond, LRU idle sessions are evicted"),
 ) -> None:
     """Serve the tail of any cut of the given models (HTTP, WebSocket, metrics)."""
     from splitinfer.cloud.auth import Tokens
@@ -57,6 +60,8 @@ def cloud_cmd(
         raise UserError("--max-batch, --max-queue and --threads must be >= 1, --max-wait-ms >= 0")
     if min(max_request_samples, max_queued_mb, answer_cache_mb, idle_timeout_s, body_timeout_s) <= 0:
         raise UserError("--max-request-samples, --max-queued-mb, --answer-cache-mb and the timeouts must be positive")
+    if max_sessions < 1 or session_ttl_s <= 0 or session_max_bytes < 1:
+        raise UserError("--max-sessions, --session-ttl-s and --session-max-bytes must be positive")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
     host = _listen_address(host, interface)
@@ -87,6 +92,9 @@ def cloud_cmd(
         answer_cache_bytes=int(answer_cache_mb * 2**20),
         idle_timeout_s=idle_timeout_s,
         body_timeout_s=body_timeout_s,
+        max_sessions=max_sessions,
+        session_ttl_s=session_ttl_s,
+        session_max_bytes=session_max_bytes,
     )
     # Bad token or certificate files fail here, in one line, before models load.
     tokens = Tokens.from_config(token, token_file)

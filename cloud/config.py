@@ -58,4 +58,10 @@ class WorkerConfig:
     update_max_names: int = 4096  # tensor names in one /tensors request
     store_poll_s: float = 0.5  # how often the store's rollout state is re-read (rollout/rollback take effect)
 
+    # --- LM sessions (cloud/sessions.py, cloud/session_handlers.py) ---
+    max_sessions: int = 256  # open sessions at once; an open beyond it evicts the least recently used idle one
+    session_ttl_s: float = 300.0  # a session idle this long is dropped (its next step gets `session_lost`)
+    session_max_bytes: int = 1 << 30  # KV-cache bytes of all sessions together; beyond, LRU idle sessions are evicted
+    session_max_verify: int = 32  # draft tokens one verify step may carry; more is `too_large`
+
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

@@ -313,7 +313,7 @@ async def healthz(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "worker_id": service.config.worker_id,
-            "models": sorted(service.registry.models),
+            "models": sorted([*service.registry.models, *service.registry.lms]),
             "queue_depth": service.queue_depth,
             "backend": service.backend.describe(),
         }

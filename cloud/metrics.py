@@ -50,5 +50,24 @@ class WorkerMetrics:
         )
         self.rollbacks = Counter("splitinfer_model_rollbacks", "Rollbacks to an earlier version", registry=self.registry)
 
+        # LM sessions (cloud/sessions.py, cloud/session_handlers.py)
+        self.sessions_open = Gauge("splitinfer_sessions_open", "LM sessions open", registry=self.registry)
+        self.session_bytes = Gauge(
+            "splitinfer_session_bytes", "KV-cache bytes held by LM sessions (session_max_bytes caps it)",
+            registry=self.registry,
+        )
+        self.session_evictions = Counter(
+            "splitinfer_session_evictions", "LM sessions dropped by the worker, by reason (ttl, count, bytes)",
+            ["reason"], registry=self.registry,
+        )
+        self.session_steps = Counter(
+            "splitinfer_session_steps", "LM session steps answered, by kind (prefill, decode, verify)", ["kind"],
+            registry=self.registry,
+        )
+        self.session_batch_size = Histogram(
+            "splitinfer_session_batch_size", "Session steps per batched model run", buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

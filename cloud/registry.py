@@ -14,6 +14,8 @@ from splitinfer.core.graph import Graph, capture
 from splitinfer.models.loader import LoadedModel, load_model, weights_hash
 from splitinfer.errors import ErrorCode, UserError
 from splitinfer.core.split import SplitModel, split_model
+from splitinfer.models.lm import CausalLM
+from splitinfer.models.lmzoo import is_lm, lm_weights_hash, load_lm
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,20 @@ class HostedModel:
         }
 
 
+@dataclass
+class HostedLM:
+    """A causal LM served through sessions (cloud/session_handlers.py), one weights version."""
+
+    name: str
+    model: CausalLM
+    hash: str
+
+    def describe(self) -> dict:
+        cfg = self.model.cfg
+        return {"id": self.name, "kind": "lm", "hash": self.hash, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+                "n_heads": cfg.n_heads, "max_ctx": cfg.max_ctx, "cuts": list(range(cfg.n_layers))}  # fmt: skip
+
+
 class ModelRegistry:
     """Loads models once; builds and caches tails per (model, cut), least recently used out."""
 
@@ -85,8 +101,13 @@ class ModelRegistry:
         # Models that could not be loaded or captured, with the one-line reason: reported
         # for themselves (/v1/models), while the others serve.
         self.failed: dict[str, str] = {}
+        self.lms: dict[str, HostedLM] = {}  # causal LMs (lmzoo names), served as sessions
         for spec in model_specs:
             try:
+                if is_lm(spec):
+                    causal = load_lm(spec)
+                    self.lms[spec] = HostedLM(spec, causal, lm_weights_hash(causal))
+                    continue
                 lm = load_model(spec)
                 gm, graph = capture(lm.module, lm.example_input)
                 self.models[lm.name] = HostedModel(lm.name, lm, gm, graph, weights_hash(lm.module))
@@ -96,7 +117,7 @@ class ModelRegistry:
                     reason = f"{type(exc).__name__}: {reason}"
                 log.error("model %s cannot be served: %s", spec, reason)
                 self.failed[spec] = reason
-        if model_specs and not self.models:
+        if model_specs and not self.models and not self.lms:
             raise UserError("no model can be served: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items()))
         # Other versions of a model, by weights hash (cloud/updates.py): during a rollout a
         # request is answered by the tail of the version its hash names.
@@ -152,6 +173,7 @@ class ModelRegistry:
             except Exception as exc:  # e.g. an output that is not a tensor
                 log.warning("cannot describe %s: %s", hosted.model_id, exc)
                 out.append({"id": hosted.model_id, "error": f"cannot describe the model: {type(exc).__name__}: {exc}"})
+        out.extend(h.describe() for h in self.lms.values())
         out.extend({"id": spec, "error": reason} for spec, reason in self.failed.items())
         return out
 

@@ -35,6 +35,7 @@ from splitinfer.cloud.config import WorkerConfig
 from splitinfer.cloud.memory import release_free_memory
 from splitinfer.cloud.metrics import WorkerMetrics
 from splitinfer.cloud.registry import LookupFailed, ModelRegistry, Tail, check_shapes
+from splitinfer.cloud.session_handlers import SessionService, session_owner
 from splitinfer.wire.protocol import (
     ErrorCode,
     ErrorMessage,
@@ -42,8 +43,8 @@ from splitinfer.wire.protocol import (
     PendingRequest,
     ProtocolError,
     encode_message,
-    read_request,
 )
+from splitinfer.wire.session import encode_session, read_message
 
 __all__ = ["Caller", "InferenceService", "WorkerConfig"]
 
@@ -84,6 +85,7 @@ class InferenceService:
         self.in_flight = 0
         self._profiles: dict[str, dict] = {}
         self._profiling: dict[str, asyncio.Future] = {}  # single flight per model
+        self.sessions = SessionService(config, registry, metrics, self.backend.exclusive)  # LM sessions
 
     async def start(self) -> None:
         await self.backend.start()
@@ -91,6 +93,7 @@ class InferenceService:
 
     async def close(self) -> None:
         self._trimmer.cancel()
+        await self.sessions.close()
         await self.backend.close()
 
     async def _trim_when_idle(self) -> None:
@@ -115,13 +118,17 @@ class InferenceService:
         try:
             try:
                 if len(data) > self.config.offload_bytes:
-                    pending = await asyncio.to_thread(read_request, data, self.config.limits)
+                    pending = await asyncio.to_thread(read_message, data, self.config.limits)
                 else:
-                    pending = read_request(data, self.config.limits)
+                    pending = read_message(data, self.config.limits)
             except ProtocolError as exc:
                 self.metrics.requests.labels(str(exc.code)).inc()
                 err = exc.to_message()
                 return encode_message(err), err.http_status
+            if not isinstance(pending, PendingRequest):  # a session message (cloud/session_handlers.py)
+                reply = await self.sessions.handle(pending, session_owner(caller.client, caller.connection))
+                self._count(reply, arrived)
+                return encode_session(reply), reply.http_status if isinstance(reply, ErrorMessage) else 200
             answer = await self.answer(pending, arrived, caller)
             if isinstance(answer, ErrorMessage):
                 return encode_message(answer), answer.http_status
@@ -197,7 +204,7 @@ class InferenceService:
         return InferResult(req.id, done.outputs, done.queue_ms, done.compute_ms, done.batch_size)
 
     def _count(self, msg: InferResult | ErrorMessage, arrived: float) -> InferResult | ErrorMessage:
-        status = "ok" if isinstance(msg, InferResult) else str(msg.code)
+        status = str(msg.code) if isinstance(msg, ErrorMessage) else "ok"
         self.metrics.requests.labels(status).inc()
         self.metrics.latency.observe(time.monotonic() - arrived)
         return msg

@@ -36,6 +36,7 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
+    SESSION_LOST = "session_lost"  # an LM session is unknown, expired, evicted, another caller's, or out of step
 
     def __str__(self) -> str:
         return self.value
@@ -65,6 +66,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.SESSION_LOST: 410,  # the edge opens a new session and re-sends its token history
 }
 
 # Codes that say the worker is at fault, not the request (retry elsewhere; breaker counts it).

@@ -82,6 +82,7 @@ class EdgeAgent:
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique across agents and runs
         self.agent_id = self._prefix
+        self.generator: Any = None  # a causal LM's edge.generate.Generator, made by generate()
 
     # -- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> "EdgeAgent":
@@ -103,6 +104,11 @@ class EdgeAgent:
 
     async def start(self) -> None:
         cfg = self.config
+        from splitinfer.models.lmzoo import is_lm
+
+        if is_lm(cfg.model):  # a causal LM: generate() runs it (its Generator loads the models on first use)
+            self.state = "generate"
+            return
         wants_cloud = str(cfg.cut).strip() != EDGE_ONLY
         if wants_cloud and not cfg.cloud_urls and not cfg.discover:
             raise UserError("no cloud given: pass --cloud URL, or let the agent discover workers (mDNS)")
@@ -154,6 +160,9 @@ class EdgeAgent:
             log.warning("no cloud worker usable yet: answering from the fallback until one is")
 
     async def close(self) -> None:
+        if self.generator is not None:
+            await self.generator.aclose()
+            self.generator = None
         if self.updates is not None:
             await self.updates.stop()
         if self._prober is not None:
@@ -204,6 +213,19 @@ class EdgeAgent:
         if self.hooks.on_cut_switch is not None:
             self.hooks.on_cut_switch(old, cut_id)
 
+    # -- generation (causal LMs) -----------------------------------------------------------
+    def generate(self, prompt: str | list[int], **kw: Any) -> Any:
+        """``async for token in agent.generate(prompt, max_tokens=..., mode=..., temperature=...)``:
+        a causal LM's tokens (config.model is a zoo LM); the record is
+        ``agent.generator.last_record()``. See :class:`splitinfer.edge.generate.Generator`."""
+        if self.generator is None:
+            from splitinfer.edge.generate import Generator
+
+            cfg = self.config
+            self.generator = Generator(cfg.model, cloud=cfg.cloud, token=cfg.token, tls=cfg.tls, threads=cfg.threads,
+                                       rtt_ms=cfg.rtt_ms, bandwidth_mbit=cfg.bandwidth_mbit)  # fmt: skip
+        return self.generator.generate(prompt, **kw)
+
     # -- inference -----------------------------------------------------------------------
     def set_cut(self, cut: str | int) -> str:
         """Switch the cut later requests use (an adaptive policy's hook); returns its canonical id."""
@@ -252,6 +274,8 @@ class EdgeAgent:
             self.updates.observe(x, answer)
         if self.hooks.after_answer is not None:
             self.hooks.after_answer(answer.record())
+        if self.hooks.after_answer_tensors is not None:
+            self.hooks.after_answer_tensors(x, answer)
         return answer
 
     async def _head(self, cut_id: str, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:

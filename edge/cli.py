@@ -31,9 +31,11 @@ async def run_agent(
 ) -> dict[str, Any]:
     """Start an agent, run the requests, return the summary."""
     from splitinfer.edge.agent import EdgeAgent
+    from splitinfer.edge.learn import learning
 
-    async with EdgeAgent(config, hooks) as agent:
-        return await agent.run(requests, rate)
+    with learning(config, hooks) as hooks:  # --learn / --federate (issue 18)
+        async with EdgeAgent(config, hooks) as agent:
+            return await agent.run(requests, rate)
 
 
 def run_edge_command(argv: list[str], hooks: AgentHooks | None = None) -> None:
@@ -87,6 +89,9 @@ def edge_cmd(
     edge_memory_mb: Optional[float] = typer.Option(None, "--edge-memory-mb", help="--cut auto: only heads that fit in M MB; unused weights are dropped"),
     follow_updates: bool = typer.Option(False, "--follow-updates", help="poll the cloud for signed model versions; switch between requests"),
     trust: Optional[list[str]] = typer.Option(None, "--trust", help="Ed25519 public key (PEM) updates must be signed by (repeatable)"),
+    learn: bool = typer.Option(False, "--learn", help="keep a bounded local buffer of inputs with the cloud's answers (never sent)"),
+    learn_dir: Optional[str] = typer.Option(None, "--learn-dir", help="where --learn saves its buffer on this device"),
+    federate: Optional[str] = typer.Option(None, "--federate", help="join this Flower SuperLink (host:port) as a SuperNode; needs --learn"),
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig
@@ -103,6 +108,9 @@ def edge_cmd(
         model=model,
         follow_updates=follow_updates,
         trust=tuple(trust or ()),
+        learn=learn,
+        learn_dir=learn_dir,
+        federate=federate,
         cloud=clouds[0] if clouds else None,
         clouds=clouds[1:],
         discover=(not clouds) if discover is None else discover,

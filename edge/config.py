@@ -104,7 +104,17 @@ class AgentConfig:
     # how often the cloud's versions are polled, s
     update_poll_s: float = 5.0
 
+    # --- learning from the field (edge/learn.py, issue 18) ---
+    # keep a bounded local buffer of inputs with the cloud's answers (never sent anywhere)
+    learn: bool = False
+    # where the buffer is saved on this device (None: a temporary folder)
+    learn_dir: str | None = None
+    # a Flower SuperLink (host:port) to join as a SuperNode; needs learn
+    federate: str | None = None
+
     def __post_init__(self) -> None:
+        if self.federate is not None and not self.learn:
+            raise UserError("--federate trains on the --learn buffer: add --learn")
         for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):
             if value is not None and not (math.isfinite(value) and value > lowest):
                 raise UserError(f"{label} must be positive, got {value}")

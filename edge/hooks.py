@@ -41,6 +41,9 @@ class AgentHooks:
     after_fallback: Callable[[float], Awaitable[float]] | None = None
     # Every final answer's JSON record (Answer.record()), once it is counted.
     after_answer: Callable[[dict[str, Any]], None] | None = None
+    # Every final answer with its tensors: (the request's input, the Answer). --learn's
+    # buffer (edge/learn.py) keeps cloud answers as soft labels; after after_answer.
+    after_answer_tensors: Callable[[Any, Any], None] | None = None
     # The cut later requests use changed: (old cut id, new cut id).
     on_cut_switch: Callable[[str, str], None] | None = None
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _console = Console(width=None if sys.stdout.isatty() else 120)  # piped: wide enough for the tables
 _err = Console(stderr=True)
 
-EXPERIMENTS = ("adaptive", "estimators", "hysteresis", "energy")
+EXPERIMENTS = ("adaptive", "estimators", "hysteresis", "energy", "federated")
 
 
 def _check_positive(name: str, value: float | None) -> None:
@@ -261,6 +261,11 @@ def experiment_cmd(
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     if not model_list:
         raise UserError("--models is empty")
+    if name == "federated":  # issue 18: real Flower processes, see simulations/federated_cli.py
+        from splitinfer.simulations.federated_cli import federated_experiment
+
+        federated_experiment(out, json_out)
+        return
     if name == "energy":
         _energy_experiment(model_list if models != "resnet18,mobilenet_v2" else None, edge_slowdown, rtt, power,
                            deadline_ms, out, json_out, emulate)  # fmt: skip

@@ -33,7 +33,7 @@ err_console = Console(stderr=True)
 # --------------------------------------------------------------------------- models
 @app.command("models")
 def models_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """List the built-in models with their parameters and FLOPs."""
+    """List the built-in models (and the zoo LMs) with their parameters and FLOPs."""
     from splitinfer.models.loader import builtin_models, count_flops, count_parameters, load_model
 
     rows = []
@@ -49,6 +49,9 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON")
                 "description": info.description,
             }
         )
+    from splitinfer.models.lmzoo import lm_catalog_rows
+
+    rows.extend(lm_catalog_rows())  # the byte LMs (input: up to max_ctx byte tokens)
     if json_out:
         emit_json({"models": rows})
         return
@@ -375,8 +378,13 @@ def _register_service_commands() -> None:
     app.command("evaluate")(evaluate_cmd)
     app.command("demo")(demo_cmd)
     app.add_typer(bench_app, name="bench")
+    from splitinfer.edge.gen_cli import generate_cmd
+
+    app.command("generate")(generate_cmd)
     from splitinfer.cloud.update_cli import register as register_updates
     register_updates(app)
+    from splitinfer.cloud.federate_cli import register as register_federate
+    register_federate(app)
 
 
 _register_service_commands()

@@ -117,15 +117,35 @@ def train_cmd(
     model: str = typer.Option("tinycnn", "--model", "-m", help=_SPEC_HELP + " (its current weights are the start)"),
     epochs: int = _epochs_opt(8, "passes over the 1,438 training digits"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="weights file to write (default: MODEL-digits.pt)"),
-    lr: float = _lr_opt(1e-2),
-    batch_size: int = _batch_size_opt(),
-    seed: int = typer.Option(0, "--seed", help="seeds the batch order (and any randomness in training)"),
-    threads: int = _threads_opt(),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (AdamW, one-cycle; default 1e-2, LMs: recipe)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per step (default 64; LMs: windows, recipe)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seeds the batch order (and any randomness in training; default 0)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads; 1 keeps the result bit-reproducible (default 1)"),
     max_train: Optional[int] = _max_train_opt(),
     json_out: bool = _json_opt(),
+    steps: Optional[int] = typer.Option(None, "--steps", help="LMs: optimizer steps (default: the shipped recipe's)"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="LMs: bytes of context per training window"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="LMs: bf16 autocast on the CPU"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="LMs: distil from this zoo LM ('none': plain)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LMs with --teacher: weight of the next-byte CE"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="LMs with --teacher: softmax temperature"),
 ) -> None:
-    """Train a model on scikit-learn's digits (fixed 80/20 split) and write its weights."""
+    """Train a model on scikit-learn's digits (fixed 80/20 split) and write its weights.
+
+    A zoo LM (bytelm, bytelm-draft) trains on Python stdlib source instead: unset options
+    take its shipped recipe, --epochs/--max-train do not apply."""
     import torch
+
+    from splitinfer.models.lmzoo import is_lm
+
+    if is_lm(model):
+        _train_lm(model, out, json_out, steps=steps, batch_size=batch_size, ctx=ctx, lr=lr, seed=seed,
+                  threads=threads, bf16=bf16, teacher=teacher, alpha=alpha, temperature=temperature)  # fmt: skip
+        return
+    lr = 1e-2 if lr is None else lr
+    batch_size = 64 if batch_size is None else batch_size
+    seed = 0 if seed is None else seed
+    threads = 1 if threads is None else threads
 
     from splitinfer.models.loader import weights_hash
     from splitinfer.models.pretrained import architecture_spec, read_weights, save_weights, shipped_weights
@@ -171,6 +191,22 @@ def train_cmd(
     _console.print(f"wrote {out} (arch {arch}, weights {h[:12]})")
     if same_as_shipped is not None:
         _console.print(f"identical to the shipped {shipped.name}: {'yes' if same_as_shipped else 'no'}")  # type: ignore[union-attr]
+
+
+def _train_lm(model: str, out: Optional[Path], json_out: bool, *, teacher: Optional[str], **overrides: Any) -> None:
+    """``splitinfer train`` for a zoo LM (splitinfer.train.lm_cli does the work)."""
+    from splitinfer.train.lm_cli import train_lm_command
+
+    s = train_lm_command(model, out=out, overrides=overrides, teacher=teacher)
+    if json_out:
+        emit_json(s)
+        return
+    _console.print(
+        f"[bold]{model}[/] trained {s['steps']} steps in {s['seconds']:.0f} s: held-out "
+        f"[bold]{s['held_out_bpb_fp16']:.4f}[/] bits/byte (random init {s['init_bpb']:.4f})"
+        + (f", greedy agreement with {s['agreement_with']} {_pct(s['greedy_agreement'])}" if "greedy_agreement" in s else "")
+    )
+    _console.print(f"wrote {s['out']} (weights {s['weights_hash']}, data {s['data_digest']})")
 
 
 # ---------------------------------------------------------------------------- distill

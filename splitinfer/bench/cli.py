@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from splitinfer.bench.generate_cli import generate_cmd
 from splitinfer.bench.soak_cli import soak_cmd
 from splitinfer.errors import UserError
 from splitinfer.util.options import ModelOpt, require_positive
@@ -174,6 +175,7 @@ def bench_cloud_cmd(
 
 
 bench_app.command("soak")(soak_cmd)
+bench_app.command("generate")(generate_cmd)
 
 
 @bench_app.command("update")

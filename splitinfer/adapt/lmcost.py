@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,14 +218,25 @@ class LMProfile:
 
 
 # ------------------------------------------------------------------------ profiling
+MIN_WINDOW_MS = 25.0  # each part is timed over at least this long (several CFS periods)
+
+
 def _time_ms(fn: Any, repeats: int) -> float:
+    """Mean ms of ``fn`` over at least ``repeats`` calls and ``MIN_WINDOW_MS`` of wall time.
+
+    Not the median of a few sub-millisecond calls: on a CPU-quota-limited device (a cgroup's
+    CFS quota, the emulated slow edge) short calls run at full speed on unspent quota and the
+    throttling lands between them, so a median of short timings says the device is several
+    times faster than it is. A mean over a window of several quota periods includes the waits."""
     fn()  # warm-up (allocator, kernels)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    calls = 0
+    t0 = time.perf_counter()
+    while True:
         fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        calls += 1
+        elapsed = (time.perf_counter() - t0) * 1e3
+        if calls >= repeats and elapsed >= MIN_WINDOW_MS:
+            return elapsed / calls
 
 
 @torch.inference_mode()

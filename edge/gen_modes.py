@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,9 +125,11 @@ class SpeculativeRunner(CloudRunner):
     def __init__(self, client: LMClient, spec: SessionSpec, torch_thread: TorchThread, draft: LocalLM,
                  choose_k: Callable[[int, int], int], generator: torch.Generator | None,
                  on_step: Callable[[int, int, float, bool], None] | None = None,
-                 on_verify: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+                 on_verify: Callable[[int, int], None] | None = None,
+                 on_draft: Callable[[int, int, float], None] | None = None) -> None:  # fmt: skip
         super().__init__(client, spec, torch_thread, on_step=on_step)
         self.source = "speculative"
+        self.on_draft = on_draft  # (k, context, ms the drafting took here)
         self.draft, self.choose_k, self.generator = draft, choose_k, generator
         self.on_verify = on_verify  # (accepted, k)
         self.max_ctx = draft.max_ctx
@@ -148,7 +151,10 @@ class SpeculativeRunner(CloudRunner):
         if k == 0:
             result = await s.step(tokens=history[start:], timeout_s=self.spec.timeout_s)
             return result.tokens[:1]
+        t0 = time.perf_counter()
         drafts, q = await self.torch.run(self.draft.propose, history, k, temperature, self.generator)
+        if self.on_draft is not None:
+            self.on_draft(k, len(history), (time.perf_counter() - t0) * 1e3)
         result = await s.step(tokens=history[start:] + drafts, verify=k, q=q if temperature > 0 else None,
                               timeout_s=self.spec.timeout_s)  # fmt: skip
         n = int(result.accepted or 0)

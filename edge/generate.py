@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any, AsyncGenerator, AsyncIterator
 
 import torch
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GEN_MODES = ("auto", "edge", "cloud", "split", "speculative", "draft")
 CLOUD_MODES = ("cloud", "split", "speculative")
+LINK_FRESH_S = 30.0  # auto re-pings the worker only when its RTT estimate is older than this
 MAX_LOST_IN_A_ROW = 3  # session_lost this many times without a token: treat the cloud as gone
 
 
@@ -104,6 +106,7 @@ class Generator:
         self._start_lock = asyncio.Lock()
         self._record: dict[str, Any] = {}
         self._probed = False
+        self._link_at: float | None = None  # monotonic time of the last ping round
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,8 +171,12 @@ class Generator:
             return False
         try:
             await self.client.connect()
-            for _ in range(3):
-                self.link.observe_rtt(await self.client.ping(self.connect_timeout_s))
+            # Every cloud step already feeds the RTT estimate: a fresh one needs no new pings.
+            fresh = self._link_at is not None and time.monotonic() - self._link_at < LINK_FRESH_S
+            if not fresh or self.link.rtt_ms is None:
+                for _ in range(3):
+                    self.link.observe_rtt(await self.client.ping(self.connect_timeout_s))
+                self._link_at = time.monotonic()
             if self.link.bandwidth_mbit is None and not self._probed:
                 self._probed = True
                 mbit = await self.client.probe_mbit(64_000, self.link.rtt_ms or 0.0, self.timeout_s)
@@ -269,7 +276,8 @@ class Generator:
                 rec.verified(n, k)
 
             return SpeculativeRunner(self.client, spec, self._torch, LocalLM(self.draft), self._k_for, gen,
-                                     on_step=self._observe_step, on_verify=verified)  # fmt: skip
+                                     on_step=self._observe_step, on_verify=verified,
+                                     on_draft=self._observe_draft)  # fmt: skip
         return CloudRunner(self.client, spec, self._torch, on_step=self._observe_step)
 
     def _fallback_runner(self, temperature: float, gen: torch.Generator) -> Runner:
@@ -285,6 +293,11 @@ class Generator:
             self.link.observe_rtt(last.network_ms)
         if self.policy is not None and server_ms > 0:
             self.policy.observe_cloud(new, context, server_ms, prefill=prefill)
+
+    def _observe_draft(self, k: int, context: int, ms: float) -> None:
+        """A round's drafting time here: how fast the draft really is on this device."""
+        if self.policy is not None:
+            self.policy.observe_draft(k, context, ms)
 
     async def _cloud_back(self) -> bool:
         """Retry the cloud every retry_s (in the background) until it answers again."""

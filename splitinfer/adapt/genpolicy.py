@@ -105,6 +105,7 @@ class GenPolicy:
         self.edge, self.draft = edge, draft
         self._cloud_base = cloud if cloud is not None else edge.slowdown(1.0 / (cloud_speedup * edge.slowdown_factor))
         self.cloud_scale = 1.0  # learned: measured server ms / the base profile's prediction
+        self.draft_scale = 1.0  # learned: measured drafting ms here / the draft profile's prediction
         self.k_max, self.max_ctx, self.sampled = k_max, max_ctx, sampled
         self.modes = modes
 
@@ -128,6 +129,26 @@ class GenPolicy:
         ratio = min(max(server_ms / predicted, 1e-3), 1e3)
         self.cloud_scale = 0.7 * self.cloud_scale + 0.3 * ratio
 
+    @property
+    def draft_profile(self) -> LMProfile | None:
+        """The draft's profile rescaled by what drafting really took here (generation loop included)."""
+        if self.draft is None or self.draft_scale == 1.0:
+            return self.draft
+        return self.draft.slowdown(self.draft_scale)
+
+    def observe_draft(self, k: int, context: int, ms: float) -> None:
+        """One round's drafting of ``k`` tokens took ``ms`` here: rescale the draft (EWMA 0.3).
+
+        The profile times the model's parts only; a round also pays the sampling loop, the
+        thread hop and (on a throttled device) the quota waits, which it cannot see."""
+        if self.draft is None or k < 1 or not (math.isfinite(ms) and ms > 0):
+            return
+        predicted = k * self.draft.decode_ms(max(context, 1)).total
+        if predicted <= 0:
+            return
+        ratio = min(max(ms / predicted, 1e-3), 1e3)
+        self.draft_scale = 0.7 * self.draft_scale + 0.3 * ratio
+
     # -- predictions ---------------------------------------------------------------------
     def cost(self, context: int) -> LMCost:
         return LMCost(self.edge, self.cloud, context=max(1, min(context, self.max_ctx)))
@@ -139,7 +160,7 @@ class GenPolicy:
         cost = self.cost(context)
         top = max(1, min(self.k_max, k_limit if k_limit is not None else self.k_max))
         best = min(
-            ((cost.speculative_ms_per_token(k, acceptance, rtt_ms, mbit, self.draft, sampled=self.sampled), k)
+            ((cost.speculative_ms_per_token(k, acceptance, rtt_ms, mbit, self.draft_profile, sampled=self.sampled), k)
              for k in range(1, top + 1)))  # fmt: skip
         return best[1], best[0]
 
@@ -175,7 +196,7 @@ class GenPolicy:
                 cut, per = cost.best_cut(rtt, bw)
             else:
                 per = cost.ms_per_token(mode, rtt, bw)
-            ttft = cost.ttft_ms(prompt_len, mode, rtt, bw, cut=cut, draft=self.draft)
+            ttft = cost.ttft_ms(prompt_len, mode, rtt, bw, cut=cut, draft=self.draft_profile)
             total = ttft + (n - 1) * per
             table[mode] = total
             if best is None or total < best.total_ms:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from splitinfer.errors import UserError
-from splitinfer.simulations.cpulimit import CFS_MIN_QUOTA_US, CGROUP_ROOT, CpuLimit
+from splitinfer.simulations.cpulimit import CFS_MIN_QUOTA_US, CpuLimit
 from splitinfer.simulations.replay import GOODPUT_FACTOR, TBF_BURST_MS, TBF_MIN_BURST_PACKETS
 from splitinfer.util.procs import LinePump, python_module
 from splitinfer.util.stats import percentile
@@ -54,17 +53,10 @@ EDGE_PERIOD_US = 10_000  # CFS period of the slow edge (module docstring): quota
 
 
 def gen_emulation_unavailable(edge_slowdown: float = 10.0) -> str | None:
-    """Why the generation emulation cannot run here (None: it can)."""
-    from splitinfer.simulations.netns import netns_unavailable
+    """Why the generation emulation cannot run here (None: it can): the image emulation's needs."""
+    from splitinfer.simulations.emulate import emulation_unavailable
 
-    why = netns_unavailable()
-    if why:
-        return why
-    if not os.path.exists("/dev/net/tun"):
-        return "the delay line needs /dev/net/tun (TUN devices)"
-    if edge_slowdown != 1.0 and not (CGROUP_ROOT / "cpu.cfs_quota_us").exists():
-        return f"a slow edge needs the cgroup v1 cpu controller at {CGROUP_ROOT}"
-    return None
+    return emulation_unavailable(edge_slowdown)
 
 
 class EdgeChild:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -228,10 +228,10 @@ class SessionResult:
 
 
 @dataclass(frozen=True)
-class SessionClose:
-    """Edge -> cloud: free the session's caches."""
+class _SessionRef:
+    """A message that names only a session: close and its acknowledgement share one shape."""
 
-    TYPE: ClassVar[str] = "session_close"
+    TYPE: ClassVar[str]
     id: str
     session: str
 
@@ -241,26 +241,22 @@ class SessionClose:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> SessionClose:
+    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> Self:
         return cls(id=_text(d, "id"), session=_text(d, "session"))
 
 
 @dataclass(frozen=True)
-class SessionClosed:
+class SessionClose(_SessionRef):
+    """Edge -> cloud: free the session's caches."""
+
+    TYPE: ClassVar[str] = "session_close"
+
+
+@dataclass(frozen=True)
+class SessionClosed(_SessionRef):
     """Cloud -> edge: the session is gone."""
 
     TYPE: ClassVar[str] = "session_closed"
-    id: str
-    session: str
-
-    def to_dict(self) -> dict[str, object]:
-        d = _header(self.TYPE, self.id)
-        d["session"] = self.session
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> SessionClosed:
-        return cls(id=_text(d, "id"), session=_text(d, "session"))
 
 
 SessionRequest = SessionOpen | SessionStep | SessionClose

@@ -45,6 +45,7 @@ __all__ = [
     "PendingRequest",
     "ProtocolError",
     "decode_message",
+    "check_version",
     "encode_message",
     "read_request",
 ]
@@ -285,7 +286,7 @@ def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dic
     request_id = d.get("id")
     request_id = request_id if isinstance(request_id, str) and len(request_id) <= _MAX_ID_LEN else None
     try:
-        _check_version(d)
+        check_version(d)
         kind = d.get("type")
         if not isinstance(kind, str) or kind not in _TYPES:
             raise ProtocolError(
@@ -304,7 +305,8 @@ def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dic
 # --------------------------------------------------------------------------- field validation
 
 
-def _check_version(d: dict[object, object]) -> None:
+def check_version(d: dict[object, object]) -> None:
+    """Refuse a message without an integer ``v`` or with a version this peer does not speak."""
     version = d.get("v")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no integer protocol version 'v'")
@@ -319,7 +321,7 @@ def _check_version(d: dict[object, object]) -> None:
 def _check_header(d: dict[object, object], kind: str) -> None:
     if not isinstance(d, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a map")
-    _check_version(d)
+    check_version(d)
     if d.get("type") != kind:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message type is not {kind!r}")
 

@@ -32,11 +32,11 @@ from splitinfer.errors import ErrorCode
 from splitinfer.wire.codec import DEFAULT_LIMITS, CodecError, CodecLimits, declare_tensors, decode_declared, encode_tensors, pack, unpack
 from splitinfer.wire.protocol import (
     PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
     ErrorMessage,
     InferRequest,
     PendingRequest,
     ProtocolError,
+    check_version,
 )
 
 __all__ = [
@@ -296,13 +296,7 @@ def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dic
     request_id = d.get("id")
     request_id = request_id if isinstance(request_id, str) and len(request_id) <= _MAX_ID_LEN else None
     try:
-        version = d.get("v")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no integer protocol version 'v'")
-        if version not in SUPPORTED_VERSIONS:
-            supported = ", ".join(map(str, SUPPORTED_VERSIONS))
-            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
-                                f"protocol version {version} is not supported; this peer speaks version {supported}")  # fmt: skip
+        check_version(d)
         kind = d.get("type")
         if not isinstance(kind, str) or kind not in types:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(types)}")

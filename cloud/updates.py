@@ -13,8 +13,9 @@ They are /v1/ paths: behind the ``infer`` scope when tokens are on (cloud/auth.p
 manifest's, and a model id never names a path (cloud/store.py hashes it).
 
 :class:`StoreSync` re-reads the store's rollout state every ``store_poll_s`` and hosts the
-current version as the model, and the previous and canary versions (and the weights the
-worker started with) by their hash, so during a rollout every request finds its tail.
+current version as the model, and the previous, canary and stopped-canary versions (and the
+weights the worker started with) by their hash, so during a rollout, and while a rolled-back
+canary's edges switch back, every request finds its tail.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class StoreSync:
             out["stopped"] = why
         return out
 
+    def synced(self, model_id: str) -> bool:
+        """Whether the registry hosts what the store's rollout state names now."""
+        return self._seen.get(model_id) == self.store.state_mtime(model_id)
+
     def _host(self, model_id: str, version: int) -> HostedModel:
         key = (model_id, version)
         if key not in self._built:
@@ -99,7 +104,9 @@ class StoreSync:
             st = self.store.state(model_id)
             if st.get("current") is None:
                 continue
-            wanted = [st["current"], st.get("previous"), (st.get("canary") or {}).get("version")]
+            # a stopped canary stays hosted by hash: its edges get answers until they switch back
+            wanted = [st["current"], st.get("previous"), (st.get("canary") or {}).get("version"),
+                      (st.get("stopped") or {}).get("version")]  # fmt: skip
             try:
                 hosted = [self._host(model_id, v) for v in dict.fromkeys(w for w in wanted if w is not None)]
             except (UserError, RuntimeError) as exc:  # UpdateRefused, a state_dict that does not fit
@@ -159,7 +166,9 @@ async def versions(request: web.Request) -> web.Response:
     # the hashes this worker answers now: an edge switches only to a version whose tail is served
     reg = sync.registry
     serving = sorted({reg.models[model_id].hash, *reg.alternates.get(model_id, {})}) if model_id in reg.models else []
-    return web.json_response({"model": model_id, "versions": listing, "serving": serving, **sync.store.state(model_id)})
+    synced = sync.synced(model_id)  # false for the moment between a store change and the next sync
+    return web.json_response({"model": model_id, "versions": listing, "serving": serving, "synced": synced,
+                              **sync.store.state(model_id)})  # fmt: skip
 
 
 async def report(request: web.Request) -> web.Response:

@@ -159,6 +159,17 @@ def test_cli_keygen_publish_rollout_rollback(tmp_path: Path) -> None:
 # --- the worker's update routes ----------------------------------------------------------
 
 
+async def _until_synced(url: str, timeout_s: float = 30) -> dict:
+    """The versions listing once the worker's registry has caught up with its store."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listing = json.loads((await asyncio.to_thread(_get, url))[1])
+        if listing["synced"]:
+            return listing
+        assert time.monotonic() < deadline, listing
+        await asyncio.sleep(0.05)
+
+
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
@@ -346,6 +357,10 @@ def test_canary_that_disagrees_is_rolled_back_automatically(cloud_process, store
             st = store.state("tinycnn")
             assert st["current"] == 1 and st["canary"] is None and st["stopped"]["version"] == 3
             assert canary.updates.version == 1 and canary.updates.previous_version == 3
+            # the stopped version is still answered by hash: an edge that had not yet switched
+            # back when the canary stopped gets answers, not model_mismatch
+            listing = await _until_synced(f"{w.url}/v1/models/tinycnn/versions")
+            assert state_hash(_broken()) in listing["serving"] and v1_hash in listing["serving"]
         metrics = _get(f"{w.url}/metrics")[1].decode()
         assert "splitinfer_model_rollbacks_total 1.0" in metrics
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from splitinfer.models.fastdecode import FastDecoder
 from splitinfer.models.kvcache import KVCache, run_step, step_positions
 from splitinfer.models.lm import CausalLM
 from splitinfer.models.speculative import next_token, probabilities, sample
@@ -72,13 +73,22 @@ class TorchThread:
 
 
 class LocalLM:
-    """A model and one sequence's cache for blocks [0, hi) (hi None: the whole model)."""
+    """A model and one sequence's cache for blocks [0, hi) (hi None: the whole model).
+
+    A whole model decodes through :class:`~splitinfer.models.fastdecode.FastDecoder`
+    (preallocated cache, little per-step overhead: the draft's rounds are most of the
+    edge's CPU in speculative mode); a head (``split``) through the general
+    :func:`~splitinfer.models.kvcache.run_step`, which returns every position's hidden state."""
 
     def __init__(self, model: CausalLM, hi: int | None = None) -> None:
         self.model = model
         self.hi = model.n_layers if hi is None else hi
-        self.cache = KVCache(model, 0, self.hi)
+        self.whole = self.hi == model.n_layers
+        self.cache: KVCache | FastDecoder = self._new_cache()
         self.tokens: list[int] = []  # what the cache holds: a catch-up keeps only a prefix of the history
+
+    def _new_cache(self) -> KVCache | FastDecoder:
+        return FastDecoder(self.model) if self.whole else KVCache(self.model, 0, self.hi)
 
     @property
     def length(self) -> int:
@@ -89,7 +99,7 @@ class LocalLM:
         return self.model.cfg.max_ctx
 
     def reset(self) -> None:
-        self.cache = KVCache(self.model, 0, self.hi)
+        self.cache = self._new_cache()
         self.tokens = []
 
     def truncate(self, length: int) -> None:
@@ -99,7 +109,8 @@ class LocalLM:
 
     @torch.no_grad()
     def _run(self, tokens: list[int]) -> torch.Tensor:
-        """Feed ``tokens`` after the cache; the (1, T, D) hidden state after block hi-1."""
+        """Feed ``tokens`` after a head's cache; the (1, T, D) hidden state after block hi-1."""
+        assert isinstance(self.cache, KVCache), "a whole model feeds through FastDecoder"
         self.tokens.extend(tokens)
         tok = torch.tensor([tokens], dtype=torch.long)
         positions, _ = step_positions([self.cache], [len(tokens)])
@@ -121,7 +132,11 @@ class LocalLM:
     @torch.no_grad()
     def next_logits(self, history: list[int]) -> torch.Tensor:
         """Catch up with ``history``: the (256,) logits of the token after it (whole model)."""
-        h = self._run(self._catch_up(history))
+        new = self._catch_up(history)
+        if isinstance(self.cache, FastDecoder):
+            self.tokens.extend(new)
+            return self.cache.feed(new)
+        h = self._run(new)
         return self.model.logits(h[:, -1:])[0, 0]
 
     def head_hidden(self, history: list[int]) -> torch.Tensor:

@@ -171,10 +171,11 @@ class Generator:
             return False
         try:
             await self.client.connect()
-            # Every cloud step already feeds the RTT estimate: a fresh one needs no new pings.
+            # Every cloud step feeds the RTT estimate (and its time): a fresh one needs no pings;
+            # a stale one is refreshed by one, none at all takes three.
             fresh = self._link_at is not None and time.monotonic() - self._link_at < LINK_FRESH_S
             if not fresh or self.link.rtt_ms is None:
-                for _ in range(3):
+                for _ in range(1 if self.link.rtt_ms is not None else 3):
                     self.link.observe_rtt(await self.client.ping(self.connect_timeout_s))
                 self._link_at = time.monotonic()
             if self.link.bandwidth_mbit is None and not self._probed:
@@ -291,6 +292,7 @@ class Generator:
         last = self.client.last if self.client is not None else None
         if last is not None:
             self.link.observe_rtt(last.network_ms)
+            self._link_at = time.monotonic()
         if self.policy is not None and server_ms > 0:
             self.policy.observe_cloud(new, context, server_ms, prefill=prefill)
 

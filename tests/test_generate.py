@@ -361,3 +361,34 @@ async def test_stopping_early_closes_the_session(worker: CloudWorker) -> None:
         assert gen.last_record()["tokens"] == 3
     finally:
         await gen.aclose()
+
+
+async def test_auto_pings_only_when_its_link_estimate_is_stale(worker: CloudWorker) -> None:
+    """auto's RTT comes from the cloud steps it just made: pings cost TTFT, so only a missing
+    (3 pings) or stale (1 ping) estimate takes them."""
+    from splitinfer.edge.generate import LINK_FRESH_S
+
+    gen = tiny_gen(worker.url)
+    pings: list[float] = []
+    try:
+        await gen.start()
+        assert gen.client is not None
+        real_ping = gen.client.ping
+
+        async def counted(timeout_s: float = 5.0) -> float:
+            ms = await real_ping(timeout_s)
+            pings.append(ms)
+            return ms
+
+        gen.client.ping = counted  # type: ignore[method-assign]
+        await run(gen, max_tokens=4, mode="auto")
+        assert len(pings) == 3  # no estimate yet
+        await run(gen, max_tokens=4, mode="cloud")
+        await run(gen, max_tokens=4, mode="auto")
+        assert len(pings) == 3  # the cloud steps refreshed it
+        assert gen._link_at is not None
+        gen._link_at -= LINK_FRESH_S + 1  # as if the last cloud step were long ago
+        await run(gen, max_tokens=4, mode="auto")
+        assert len(pings) == 4
+    finally:
+        await gen.aclose()

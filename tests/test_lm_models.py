@@ -10,6 +10,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from splitinfer.models.fastdecode import FastDecoder
 from splitinfer.models.kvcache import KVCache, run_step
 from splitinfer.models.lm import CausalLM, LMConfig
 from splitinfer.models.lmzoo import (
@@ -111,6 +112,33 @@ def test_forward_equals_cached_decode(name: str, corpus: LMCorpus) -> None:
     assert cache.length == tokens.shape[1]
     assert torch.allclose(whole, cached, atol=1e-5), float((whole - cached).abs().max())
     assert torch.equal(whole.argmax(-1), cached.argmax(-1))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_fast_decoder_equals_forward_through_prefill_decode_and_rollback(name: str, corpus: LMCorpus) -> None:
+    """The edge's lean single-sequence path gives the model's own logits, also after a rollback."""
+    model = load_lm(name)
+    tokens = corpus.held_out[:48].long()[None]
+    with torch.no_grad():
+        whole = model(tokens)[0]
+    fast = FastDecoder(model)
+    got = [fast.feed(tokens[0, :16].tolist())]  # a prefill: causal among its own positions
+    got += [fast.feed([int(t)]) for t in tokens[0, 16:]]
+    expected = whole[15:]
+    assert fast.length == 48
+    assert torch.allclose(torch.stack(got), expected, atol=1e-5), float((torch.stack(got) - expected).abs().max())
+    assert torch.equal(torch.stack(got).argmax(-1), expected.argmax(-1))
+    # rollback to 30 positions, then other tokens: the stale keys past 30 must not be attended to
+    fast.truncate(30)
+    other = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(3))
+    seq = torch.cat([tokens[0, :30], other])[None]
+    with torch.no_grad():
+        ref = model(seq)[0, -1]
+    assert torch.allclose(fast.feed(other.tolist()), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="past the context"):
+        fast.feed([1] * model.cfg.max_ctx)
+    with pytest.raises(ValueError):
+        fast.truncate(fast.length + 1)
 
 
 # ------------------------------------------------------------------------- training

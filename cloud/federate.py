@@ -103,11 +103,13 @@ def _publish(rc: dict, module: torch.nn.Module, round_: int, score: float) -> in
     if not rc.get("store") or not rc.get("key"):
         return None
     trust = TrustSet.from_files([t for t in str(rc.get("trust", "")).split(",") if t])
-    m = ModelStore(str(rc["store"])).publish(
+    store = ModelStore(str(rc["store"]))
+    m = store.publish(
         str(rc["model"]), str(rc["model"]), module.state_dict(), Path(str(rc["key"])),
         f"federated round {round_}: held-out check {score:.4f}", trust,
     )  # fmt: skip
-    log.info("published %s v%d (round %d, check %.4f)", m.model, m.version, round_, score)
+    store.rollout(m.model, m.version, None)  # current: following edges install it (rollback: `update rollback`)
+    log.info("published %s v%d as current (round %d, check %.4f)", m.model, m.version, round_, score)
     return m.version
 
 

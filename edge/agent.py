@@ -67,6 +67,7 @@ class EdgeAgent:
         self._loaded = loaded  # a model built by the caller (its own nn.Module); else config.model is loaded
         self.runner: HeadRunner | None = None
         self.updates: Any = None  # --follow-updates: an edge.updates.UpdateFollower
+        self.fallback_updates: Any = None  # and with a fallback: an edge.fallback_updates.FallbackFollower
         self.pool: CloudPool | None = None
         self.fallback: FallbackRunner | None = None
         self.status: StatusPublisher | None = None
@@ -137,6 +138,11 @@ class EdgeAgent:
 
             self.updates = UpdateFollower(self)
             self.updates.start()
+            if self.fallback is not None and cfg.fallback is not None:
+                from splitinfer.edge.fallback_updates import FallbackFollower, buffer_inputs
+
+                self.fallback_updates = FallbackFollower(self, cfg.fallback, buffer_inputs(self.hooks))
+                self.fallback_updates.start()
         if cfg.advertise:
             self.status = StatusPublisher(self, cfg.interface, cfg.status_host)
             await self.status.start()
@@ -165,6 +171,8 @@ class EdgeAgent:
             self.generator = None
         if self.updates is not None:
             await self.updates.stop()
+        if self.fallback_updates is not None:
+            await self.fallback_updates.stop()
         if self._prober is not None:
             self._prober.close()
         if self.status is not None:

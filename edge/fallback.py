@@ -65,6 +65,15 @@ class FallbackRunner:
         self.typical_ms = ms if self.typical_ms == 0 else 0.8 * self.typical_ms + 0.2 * ms
         return out, ms
 
+    async def install(self, loaded: LoadedModel) -> None:
+        """Answer from ``loaded`` (a new version of the same student) from the next run on:
+        swapped on the fallback's own thread, so no run sees half of it."""
+
+        def swap() -> None:
+            self.loaded = loaded
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, swap)
+
     async def warm_up(self) -> None:
         """One run before the first request (not through the after_run hook)."""
         _, ms = await self._run_measured(self.loaded.example_batch(1))

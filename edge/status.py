@@ -39,6 +39,7 @@ class AgentView(Protocol):
     pool: CloudPool | None
     fallback: FallbackRunner | None
     updates: Any  # --follow-updates: edge.updates.UpdateFollower (None: off)
+    fallback_updates: Any  # and with a fallback: edge.fallback_updates.FallbackFollower
 
     @property
     def model_id(self) -> str: ...
@@ -63,6 +64,7 @@ def agent_status(agent: AgentView) -> dict[str, Any]:
         "memory": info.get("memory"),  # --edge-memory-mb: what the edge holds (edge.residency)
         "model_hash": agent.runner.weights_hash if agent.runner else None,
         "model_version": agent.updates.describe() if agent.updates is not None else None,
+        "fallback_version": agent.fallback_updates.describe() if agent.fallback_updates is not None else None,
     }
 
 

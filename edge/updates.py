@@ -26,19 +26,15 @@ import torch
 from splitinfer.edge.client import normalize_url
 from splitinfer.edge.config import AgentConfig
 from splitinfer.edge.head import HeadRunner
-from splitinfer.edge.tls import Trust, decide
+from splitinfer.edge.version_fetch import SignedFetcher
 from splitinfer.errors import UserError
-from splitinfer.models.signing import TrustSet
 from splitinfer.models.spec import LoadedModel
-from splitinfer.models.versions import Manifest, UpdateRefused, delta_names, tensor_sha256, verify_tensors
+from splitinfer.models.versions import UpdateRefused
 
 __all__ = ["UpdateFollower"]
 
 log = logging.getLogger(__name__)
 
-PART_BYTES = 64 * 2**20  # tensors asked for in parts of about this many bytes
-PART_NAME_CHARS = 6000  # and of names this long at most (a worker's request line is limited to 8 KiB)
-RETRIES = 3
 CANARY_CHECKS = 50  # answers of a canary version compared with the previous version (top-1)
 # torch.fx tracing patches torch.nn.Module.__call__ for the whole process while it runs, so a
 # new runner is built on the running runner's torch thread (never beside this agent's own
@@ -70,14 +66,9 @@ class UpdateFollower:
             raise UserError("--follow-updates needs --cloud URL (the worker holding the model store)")
         self.agent = agent
         self.url = normalize_url(cfg.cloud_urls[0])
-        # the same TLS settings and token rule as the agent's CloudClient for this (user-chosen) URL
-        link = decide(self.url, static=True, tls=cfg.tls, has_token=cfg.token is not None)
-        assert isinstance(link, Trust)  # a static URL is always allowed
-        self.link = link
-        # per request: the context (CA, client certificate); a pin goes on the connector
-        self._ssl: Any = link.ssl_context if link.ssl_context is not None else True
-        self.trust = TrustSet.from_files(cfg.trust)
-        if not self.trust.keys:
+        self.counters: dict[str, Any] = {"updates": 0, "refusals": 0, "bytes_downloaded": 0, "last_error": None}
+        self.fetch = SignedFetcher(self.url, cfg, self.counters)
+        if not self.fetch.trust.keys:
             raise UserError("--follow-updates needs --trust KEY.pub: updates are only taken signed")
         self.poll_s = cfg.update_poll_s
         self.version: int | None = None  # the version running (None: the weights it started with)
@@ -91,7 +82,6 @@ class UpdateFollower:
         self._checks = 0  # canary answers compared with the previous version
         self._tasks: set[asyncio.Task] = set()
         self._refused: set[str] = set()  # total hashes refused: not downloaded again
-        self.counters: dict[str, Any] = {"updates": 0, "refusals": 0, "bytes_downloaded": 0, "last_error": None}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -152,17 +142,12 @@ class UpdateFollower:
         if not pending["requests"] or self.canary_version is None:
             return
         self._pending = {"requests": 0, "disagreements": 0, "errors": 0}
-        body = {"version": self.canary_version, **pending}
-        async with session.post(f"{self.url}/v1/models/{model}/report", json=body, ssl=self._ssl) as resp:
-            if resp.status != 200:
-                log.info("canary report refused: HTTP %d", resp.status)
+        status = await self.fetch.post(session, f"/v1/models/{model}/report", {"version": self.canary_version, **pending})
+        if status != 200:
+            log.info("canary report refused: HTTP %d", status)
 
     async def _loop(self) -> None:
-        token = self.agent.config.token
-        headers = {"Authorization": f"Bearer {token}"} if token and self.link.send_token else {}
-        fingerprint = aiohttp.Fingerprint(bytes.fromhex(self.link.pin)) if self.link.pin else True
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fingerprint), headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=300)) as session:  # fmt: skip
+        async with self.fetch.session() as session:
             while True:
                 try:
                     await self.check(session)
@@ -176,12 +161,6 @@ class UpdateFollower:
                     log.warning("update check failed", exc_info=True)
                 await asyncio.sleep(self.poll_s)
 
-    async def _json(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict:
-        async with session.get(self.url + path, params=params, ssl=self._ssl) as resp:
-            if resp.status != 200:
-                raise aiohttp.ClientError(f"{path}: HTTP {resp.status}: {(await resp.text())[:200]}")
-            return await resp.json()
-
     async def check(self, session: aiohttp.ClientSession) -> None:
         """One poll: stage the version meant for this edge if it is not the running one."""
         runner = self.agent.runner
@@ -189,7 +168,7 @@ class UpdateFollower:
             return
         model = runner.name
         await self._report(session, model)
-        listing = await self._json(session, f"/v1/models/{model}/versions")
+        listing = await self.fetch.json(session, f"/v1/models/{model}/versions")
         canary = listing.get("canary") or {}
         target = listing.get("current")
         self.canary_version = None
@@ -209,63 +188,17 @@ class UpdateFollower:
             return
         if entry["total_hash"] not in listing.get("serving", [entry["total_hash"]]):
             return  # the worker does not answer that version yet: switching now would lose the cloud
-        got = await self._json(session, f"/v1/models/{model}/manifest", version=str(target))
         try:
-            manifest = Manifest.from_json(got.get("manifest"))
-            if manifest.model != model or manifest.version != int(target):
-                raise UpdateRefused(f"the cloud sent the manifest of {manifest.model} v{manifest.version}")
-            self.trust.verify(manifest, got.get("signature"))
-            staged = await self._stage(session, runner, manifest)
+            manifest, state, fetched = await self.fetch.signed_state(session, model, int(target),
+                                                                     runner.loaded.module.state_dict())  # fmt: skip
+            staged = await runner.call(self._build, runner, state, self.agent.cut_id)
         except UpdateRefused:
             self._refused.add(str(entry["total_hash"]))
             raise
+        log.info("staged %s v%d: %d of %d tensors downloaded", manifest.model, manifest.version, fetched,
+                 len(manifest.tensors))  # fmt: skip
         self.staged_version = manifest.version
         self._staged = staged
-
-    async def _stage(self, session: aiohttp.ClientSession, runner: HeadRunner, manifest: Manifest) -> HeadRunner:
-        own = runner.loaded.module.state_dict()
-        have = await asyncio.to_thread(lambda: {k: tensor_sha256(v) for k, v in own.items()})
-        names = delta_names(have, manifest)
-        fresh: dict[str, torch.Tensor] = {}
-        for part in _parts(names, manifest):
-            fresh.update(await self._download(session, manifest, part))
-        state = {k: v for k, v in own.items() if k in manifest.tensors}
-        state.update(fresh)
-        await asyncio.to_thread(verify_tensors, manifest, state)  # UpdateRefused: nothing changes
-        new = await runner.call(self._build, runner, state, self.agent.cut_id)
-        log.info("staged %s v%d: %d of %d tensors downloaded", manifest.model, manifest.version, len(names),
-                 len(manifest.tensors))  # fmt: skip
-        return new
-
-    async def _download(self, session: aiohttp.ClientSession, manifest: Manifest, names: list[str]) -> dict[str, torch.Tensor]:
-        """Some tensors as safetensors bytes, resumed from where a cut-off answer stopped."""
-        from safetensors.torch import load
-
-        body = bytearray()
-        params = {"version": str(manifest.version), "names": ",".join(names)}
-        for attempt in range(RETRIES):
-            try:
-                async with session.get(f"{self.url}/v1/models/{manifest.model}/tensors",
-                                       params={**params, "offset": str(len(body))}, ssl=self._ssl) as resp:  # fmt: skip
-                    if resp.status not in (200, 206):
-                        raise aiohttp.ClientError(f"tensors: HTTP {resp.status}: {(await resp.text())[:200]}")
-                    total = int(resp.headers.get("X-Total-Length", "0"))
-                    async for chunk in resp.content.iter_chunked(1 << 16):
-                        body += chunk
-                        self.counters["bytes_downloaded"] += len(chunk)
-                if len(body) >= total:
-                    break
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if attempt == RETRIES - 1:
-                    raise
-                log.info("tensor download cut off at %d bytes (%s): resuming", len(body), exc)
-        try:
-            got = await asyncio.to_thread(load, bytes(body))
-        except Exception as exc:  # a corrupt safetensors body
-            raise UpdateRefused(f"tensors of v{manifest.version} are not valid safetensors: {exc}") from None
-        if set(got) != set(names):
-            raise UpdateRefused(f"the cloud sent other tensors than asked for v{manifest.version}")
-        return got
 
     def _build(self, runner: HeadRunner, state: dict[str, torch.Tensor], cut_id: str) -> HeadRunner:
         """A runner of the new weights with this agent's cut built (on the running runner's thread)."""
@@ -278,21 +211,6 @@ class UpdateFollower:
             if cut_id:
                 new.split(cut_id)
         return new
-
-
-def _parts(names: list[str], manifest: Manifest) -> list[list[str]]:
-    """Names in groups of about PART_BYTES (each under the worker's per-answer limit)."""
-    parts: list[list[str]] = [[]]
-    size = chars = 0
-    for n in names:
-        b = int(manifest.tensors[n]["bytes"])
-        if parts[-1] and (size + b > PART_BYTES or chars + len(n) + 1 > PART_NAME_CHARS):
-            parts.append([])
-            size = chars = 0
-        parts[-1].append(n)
-        size += b
-        chars += len(n) + 1
-    return [p for p in parts if p]
 
 
 async def _close_later(runner: HeadRunner, after_s: float = 30.0) -> None:

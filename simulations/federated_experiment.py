@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from splitinfer.cloud.federate_run import SuperLinkProcess
+from splitinfer.edge.fallback_updates import install_student
 from splitinfer.edge.learn import SuperNodeProcess
 from splitinfer.models.loader import load_model
 from splitinfer.models.versions import load_tensors
 from splitinfer.simulations.federated_field import STUDENT, TEACHER, EdgeData, build_field, fill_buffers
-from splitinfer.train.federated_fit import FitConfig, accuracy, adapt_batchnorm, load_shared, local_fit
+from splitinfer.train.federated_fit import FitConfig, accuracy, load_shared, local_fit
 
 __all__ = ["check_targets", "run_federated_experiment", "write_plot"]
 
@@ -38,11 +39,12 @@ def _scores(module: torch.nn.Module, edges: list[EdgeData]) -> list[dict[str, fl
 
 
 def _adapted_scores(state: dict[str, torch.Tensor], edges: list[EdgeData]) -> list[dict[str, float]]:
-    """Each edge's copy of the federated student with BatchNorm statistics from its own buffer."""
-    rows = []
-    for i, e in enumerate(edges):
-        rows.append(_scores(adapt_batchnorm(_student(state), e.x_train), edges)[i])
-    return rows
+    """Each edge's copy of the federated student as the edge installs it
+    (:func:`~splitinfer.edge.fallback_updates.install_student`): BatchNorm statistics from
+    its own buffer."""
+    base = _student()
+    full = {**base.state_dict(), **state}  # a round's file holds the float tensors (what travels)
+    return [_scores(install_student(base, full, e.x_train)[0], edges)[i] for i, e in enumerate(edges)]
 
 
 def _calibrate_clip(edges: list[EdgeData], cfg: FitConfig) -> float:

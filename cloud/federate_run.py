@@ -6,15 +6,19 @@
 The Flower app bundle is a generated folder holding only a ``pyproject.toml`` whose
 components name the installed modules (``splitinfer.cloud.federate:app`` and
 ``splitinfer.edge.learn_client:app``) and whose ``[tool.flwr.app.config]`` is the run's
-configuration; the SuperLink's SuperExec starts the ServerApp in its own process, each
+configuration (``advertise`` also announces the Fleet API over mDNS for ``--federate mdns``
+edges); the SuperLink's SuperExec starts the ServerApp in its own process, each
 SuperNode a ClientApp process per round. Transport: Flower 1.42's Fleet / Control APIs on
 one HTTP port (insecure, loopback only); the ServerApp writes ``out-dir/result.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,11 @@ from typing import Any
 import tomli_w
 
 from splitinfer.cloud.federate import RESULT_FILE
+from splitinfer.discovery.federation import advertise_federation
 from splitinfer.errors import UserError
 from splitinfer.util.flower_procs import flower_env, flower_tool, free_port, start_group, stop_group, wait_port
 
-__all__ = ["SuperLinkProcess", "write_app"]
+__all__ = ["SuperLinkProcess", "announce_host", "write_app"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,25 @@ def write_app(folder: Path, run_config: dict[str, Any]) -> Path:
     return folder
 
 
+def announce_host(host: str, interface: str | None = None) -> str:
+    """The IPv4 address to announce for a SuperLink listening on ``host``: a wildcard
+    listener is announced on ``interface`` (else loopback), a name by what it resolves to.
+    Never an address the SuperLink does not listen on (UserError instead)."""
+    if host in ("0.0.0.0", "::", ""):
+        return interface or "127.0.0.1"
+    if interface and host != interface:
+        raise UserError(f"--interface {interface} is announced but the SuperLink listens on {host}: "
+                        f"pass --host {interface} (or --host 0.0.0.0)")  # fmt: skip
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)  # what flower-superlink binds to for a name
+    except OSError:
+        raise UserError(f"cannot announce --host {host!r} over mDNS: not an IPv4 address; pass --no-advertise") from None
+
+
 class SuperLinkProcess:
     """A ``flower-superlink --insecure`` child with its own Flower home under ``work_dir``."""
 
@@ -59,6 +83,7 @@ class SuperLinkProcess:
         self.home = self.work / "flwr-home"
         self.proc: subprocess.Popen | None = None
         self.runs = 0
+        self._announcement = contextlib.ExitStack()  # the mDNS record, withdrawn first on stop
 
     @property
     def address(self) -> str:
@@ -77,6 +102,17 @@ class SuperLinkProcess:
         log.info("SuperLink on %s", self.address)
         return self
 
+    def advertise(self, model: str, rounds: int, strategy: str, interface: str | None = None) -> str:
+        """Announce the Fleet API over mDNS until :meth:`stop`; returns the announced ``host:port``."""
+        host = announce_host(self.host, interface)
+        try:
+            self._announcement.enter_context(
+                advertise_federation(host, self.port, model=model, rounds=rounds, strategy=strategy, interface=interface))
+        except ValueError as exc:  # an unusable address or a TXT record over the limits
+            raise UserError(f"cannot announce the SuperLink over mDNS: {exc}") from None
+        log.info("announcing the SuperLink at %s:%d over mDNS", host, self.port)
+        return f"{host}:{self.port}"
+
     def run(self, run_config: dict[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:
         """Submit one run (``flwr run``) and wait for the ServerApp's result."""
         self.runs += 1
@@ -93,6 +129,7 @@ class SuperLinkProcess:
         return json.loads(path.read_text())
 
     def stop(self, kill: bool = False) -> None:
+        self._announcement.close()  # first: no edge should join a SuperLink that is leaving
         if self.proc is not None:
             stop_group(self.proc, kill=kill)
 

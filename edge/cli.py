@@ -30,9 +30,14 @@ async def run_agent(
     config: Any, requests: int, rate: float | None, hooks: AgentHooks | None = None
 ) -> dict[str, Any]:
     """Start an agent, run the requests, return the summary."""
-    from splitinfer.edge.agent import EdgeAgent
-    from splitinfer.edge.learn import learning
+    from dataclasses import replace
 
+    from splitinfer.edge.agent import EdgeAgent
+    from splitinfer.edge.learn import learning, resolve_superlink
+
+    if getattr(config, "learn", False) and config.federate:  # `--federate mdns`: browse off the loop
+        found = await asyncio.to_thread(resolve_superlink, config.federate, config.fallback, config.interface)
+        config = replace(config, federate=found)
     with learning(config, hooks) as hooks:  # --learn / --federate (issue 18)
         async with EdgeAgent(config, hooks) as agent:
             return await agent.run(requests, rate)
@@ -91,7 +96,7 @@ def edge_cmd(
     trust: Optional[list[str]] = typer.Option(None, "--trust", help="Ed25519 public key (PEM) updates must be signed by (repeatable)"),
     learn: bool = typer.Option(False, "--learn", help="keep a bounded local buffer of inputs with the cloud's answers (never sent)"),
     learn_dir: Optional[str] = typer.Option(None, "--learn-dir", help="where --learn saves its buffer on this device"),
-    federate: Optional[str] = typer.Option(None, "--federate", help="join this Flower SuperLink (host:port) as a SuperNode; needs --learn"),
+    federate: Optional[str] = typer.Option(None, "--federate", help="join this Flower SuperLink (host:port, or mdns: the one announced over mDNS, preferring one training --fallback) as a SuperNode; needs --learn"),
 ) -> None:
     """Run requests with the head on this machine and the tail on a cloud worker."""
     from splitinfer.edge.agent import AgentConfig

@@ -115,6 +115,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.federate is not None and not self.learn:
             raise UserError("--federate trains on the --learn buffer: add --learn")
+        if self.federate is not None:
+            self._check_federate()
         for label, value, lowest in (("bandwidth", self.bandwidth_mbit, 0.0), ("deadline", self.deadline_ms, 0.0)):
             if value is not None and not (math.isfinite(value) and value > lowest):
                 raise UserError(f"{label} must be positive, got {value}")
@@ -140,6 +142,16 @@ class AgentConfig:
         if (self.edge_profile is None) != (self.cloud_profile is None):
             raise UserError("give both --edge-profile and --cloud-profile, or neither")
         self._check_device_options()
+
+    def _check_federate(self) -> None:
+        """`--federate` is HOST:PORT or the literal `mdns` (issue 18)."""
+        from splitinfer.discovery.federation import FEDERATE_MDNS, parse_hostport
+
+        if self.federate != FEDERATE_MDNS:
+            try:
+                parse_hostport(str(self.federate))
+            except ValueError as exc:
+                raise UserError(f"--federate must be HOST:PORT or mdns: {exc}") from None
 
     def _check_device_options(self) -> None:
         """Objective, battery and memory options (issue 19)."""

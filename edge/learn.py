@@ -8,6 +8,9 @@ answer that came from the cloud adds (input, the cloud's logits) to a bounded
 folder in its node config; each round its ClientApp (:mod:`splitinfer.edge.learn_client`)
 fine-tunes on the saved buffer and replies with weights only. The SuperNode is a separate
 process: a server that is gone only makes it retry, the agent keeps serving.
+``--federate mdns``: the SuperLink is found over mDNS when the SuperNode starts
+(:func:`splitinfer.discovery.federation.find_federation`, at most ``MDNS_WAIT_S``), preferring
+one that trains this agent's fallback model; none found is a UserError.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from splitinfer.discovery.federation import FEDERATE_MDNS, find_federation
 from splitinfer.edge.hooks import NO_HOOKS, AgentHooks
 from splitinfer.train.federated_buffer import BufferLimits, LearnBuffer
 from splitinfer.util.flower_procs import flower_env, flower_tool, free_port, start_group, stop_group
 
-__all__ = ["BufferRecorder", "SuperNodeProcess", "learning"]
+__all__ = ["BufferRecorder", "SuperNodeProcess", "learning", "resolve_superlink"]
 
 log = logging.getLogger(__name__)
+
+MDNS_WAIT_S = 10.0  # how long `--federate mdns` listens for a SuperLink's announcement
 
 
 class BufferRecorder:
@@ -99,6 +105,17 @@ class SuperNodeProcess:
         self.stop()
 
 
+def resolve_superlink(federate: str, model: str | None, interface: str | None = None,
+                      wait_s: float = MDNS_WAIT_S) -> str:  # fmt: skip
+    """``--federate``'s value as ``host:port``: as given, or (``mdns``) found over mDNS.
+    The browsing runs on a private loop in its own thread; this thread waits for it."""
+    if federate != FEDERATE_MDNS:
+        return federate
+    address = find_federation(model, wait_s, interface)
+    log.warning("joining the Flower SuperLink at %s (found over mDNS)", address)
+    return address
+
+
 @contextlib.contextmanager
 def learning(config: Any, hooks: AgentHooks | None) -> Iterator[AgentHooks | None]:
     """With ``config.learn``: hooks that also fill the buffer, and (``config.federate``) a
@@ -106,9 +123,13 @@ def learning(config: Any, hooks: AgentHooks | None) -> Iterator[AgentHooks | Non
     if not getattr(config, "learn", False):
         yield hooks
         return
+    # `mdns` is resolved first (no temp folder left behind when none is found); run_agent
+    # resolves it in a thread before it enters here, so its loop never waits on the browse
+    superlink = (resolve_superlink(config.federate, getattr(config, "fallback", None), getattr(config, "interface", None))
+                 if config.federate else None)  # fmt: skip
     folder = Path(config.learn_dir) if config.learn_dir else Path(tempfile.mkdtemp(prefix="splitinfer-learn-"))
     recorder = BufferRecorder(folder)
-    node = recorder.node = SuperNodeProcess(config.federate, folder).start() if config.federate else None
+    node = recorder.node = SuperNodeProcess(superlink, folder).start() if superlink else None
     try:
         yield replace(hooks or NO_HOOKS, after_answer_tensors=recorder)
     finally:

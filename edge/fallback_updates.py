@@ -107,19 +107,7 @@ class FallbackFollower:
         return {"model": self.model, "version": self.version, **self.counters}
 
     async def _loop(self) -> None:
-        async with self.fetch.session() as session:
-            while True:
-                try:
-                    await self.check(session)
-                except UpdateRefused as exc:
-                    self.counters["refusals"] += 1
-                    self.counters["last_error"] = str(exc)
-                    log.error("fallback update refused: %s", exc)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                    log.debug("fallback update check failed: %s", exc)  # e.g. no versions of it (404)
-                except Exception:  # keep following, retry next poll
-                    log.warning("fallback update check failed", exc_info=True)
-                await asyncio.sleep(self.poll_s)
+        await self.fetch.follow(self.check, self.poll_s, f"fallback {self.model}", quiet=True)
 
     async def check(self, session: aiohttp.ClientSession) -> None:
         """One poll: install the current version if it is not the one running."""

@@ -147,19 +147,7 @@ class UpdateFollower:
             log.info("canary report refused: HTTP %d", status)
 
     async def _loop(self) -> None:
-        async with self.fetch.session() as session:
-            while True:
-                try:
-                    await self.check(session)
-                except UpdateRefused as exc:
-                    self.counters["refusals"] += 1
-                    self.counters["last_error"] = str(exc)
-                    log.error("update refused: %s", exc)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                    log.info("update check failed: %s", exc)
-                except Exception:  # e.g. building the new runner failed: keep following, retry next poll
-                    log.warning("update check failed", exc_info=True)
-                await asyncio.sleep(self.poll_s)
+        await self.fetch.follow(self.check, self.poll_s, "split model")
 
     async def check(self, session: aiohttp.ClientSession) -> None:
         """One poll: stage the version meant for this edge if it is not the running one."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import torch
@@ -52,6 +52,25 @@ class SignedFetcher:
         fingerprint = aiohttp.Fingerprint(bytes.fromhex(self.link.pin)) if self.link.pin else True
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fingerprint), headers=headers,
                                      timeout=aiohttp.ClientTimeout(total=300))  # fmt: skip
+
+    async def follow(self, check: Callable[[aiohttp.ClientSession], Awaitable[None]], poll_s: float, what: str,
+                     quiet: bool = False) -> None:  # fmt: skip
+        """``check`` every ``poll_s`` on one session, forever: a refused update is counted
+        (``refusals``, ``last_error``), any other failure logged (debug when ``quiet``: e.g. a
+        model with no versions yet), and none stops the following."""
+        async with self.session() as session:
+            while True:
+                try:
+                    await check(session)
+                except UpdateRefused as exc:
+                    self.counters["refusals"] += 1
+                    self.counters["last_error"] = str(exc)
+                    log.error("%s: update refused: %s", what, exc)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    log.log(logging.DEBUG if quiet else logging.INFO, "%s: update check failed: %s", what, exc)
+                except Exception:  # e.g. building the new weights failed: keep following, retry next poll
+                    log.warning("%s: update check failed", what, exc_info=True)
+                await asyncio.sleep(poll_s)
 
     async def json(self, session: aiohttp.ClientSession, path: str, **params: str) -> dict:
         async with session.get(self.url + path, params=params, ssl=self._ssl) as resp:

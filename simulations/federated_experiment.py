@@ -23,7 +23,9 @@ import torch
 from splitinfer.cloud.federate_run import SuperLinkProcess
 from splitinfer.edge.fallback_updates import install_student
 from splitinfer.edge.learn import SuperNodeProcess
+from splitinfer.cloud.store import ModelStore
 from splitinfer.models.loader import load_model
+from splitinfer.models.signing import TrustSet, keygen
 from splitinfer.models.versions import load_tensors
 from splitinfer.simulations.federated_field import STUDENT, TEACHER, EdgeData, build_field, fill_buffers
 from splitinfer.train.federated_fit import FitConfig, accuracy, load_shared, local_fit
@@ -45,6 +47,15 @@ def _adapted_scores(state: dict[str, torch.Tensor], edges: list[EdgeData]) -> li
     base = _student()
     full = {**base.state_dict(), **state}  # a round's file holds the float tensors (what travels)
     return [_scores(install_student(base, full, e.x_train)[0], edges)[i] for i, e in enumerate(edges)]
+
+
+def _installed(store_dir: Path, pub: Path) -> tuple[int | None, dict[str, torch.Tensor] | None]:
+    """What an edge following the store installs: the current version, signature checked."""
+    store = ModelStore(store_dir)
+    version = store.state(STUDENT).get("current")
+    if version is None:
+        return None, None  # no round improved the check: the edges keep the shipped student
+    return int(version), store.load_state(STUDENT, int(version), TrustSet.from_files([str(pub)]))
 
 
 def _calibrate_clip(edges: list[EdgeData], cfg: FitConfig) -> float:
@@ -116,6 +127,7 @@ def run_federated_experiment(
             "round-timeout": 300.0, "local-epochs": local_epochs, "lr": cfg.lr, "batch": cfg.batch,
             "temperature": cfg.temperature}  # fmt: skip
     runs: dict[str, Any] = {}
+    signing = keygen(out / "fleet")
     with SuperLinkProcess(out / "superlink") as link:
         nodes = [SuperNodeProcess(link.address, f, out / "nodes" / e.name, seed=i).start()
                  for i, (e, f) in enumerate(zip(edges, folders))]  # fmt: skip
@@ -123,10 +135,14 @@ def run_federated_experiment(
             for noise in (0.0, *dp_noise):
                 key = "federated" if noise == 0 else f"dp_noise_{noise:g}"
                 extra = {} if noise == 0 else {"dp-clip": dp_clip, "dp-noise": noise}
-                res = link.run({**base, **extra, "out-dir": str(out / key)})
+                store = out / key / "store"  # the server publishes its improving rounds here, signed
+                res = link.run({**base, **extra, "out-dir": str(out / key), "store": str(store),
+                                "key": str(signing[0]), "trust": str(signing[1])})  # fmt: skip
                 final = load_tensors(out / key / f"round-{rounds}.safetensors")
+                version, installed = _installed(store, signing[1])
                 runs[key] = {"server": res, "scores": _scores(_student(final), edges),
-                             "adapted": _adapted_scores(final, edges),
+                             "adapted": _adapted_scores(installed, edges) if installed else _scores(_student(), edges),
+                             "last_round": _adapted_scores(final, edges), "installed_version": version,
                              "curve": _round_curve(out / key, rounds, edges)}  # fmt: skip
         finally:
             for n in nodes:
@@ -137,6 +153,7 @@ def run_federated_experiment(
     for i, e in enumerate(edges):
         row = {"edge": e.name, "buffer": int(e.x_train.shape[0]), "teacher": teacher[i], "shipped": shipped[i],
                "local_only": local[i], "federated": fed["adapted"][i], "federated_global": fed["scores"][i],
+               "federated_last_round": fed["last_round"][i],
                "upload_bytes_per_round": upload[0][i] if upload and len(upload[0]) > i else None}  # fmt: skip
         for key, run in runs.items():
             if key != "federated":
@@ -151,6 +168,7 @@ def run_federated_experiment(
                "accuracy_cost_points": {k: round(100 * (mean_own["federated"] - mean_own[k]), 2) for k in mean_own if k.startswith("dp_")}},  # fmt: skip
         "curve": {k: v["curve"] for k, v in runs.items()},
         "server_rounds": fed["server"]["rounds"],
+        "installed_version": {k: v["installed_version"] for k, v in runs.items()},
         "targets": check_targets(table),
         "elapsed_s": round(time.time() - started, 1),
     }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 import splitinfer
 from splitinfer.cloud.process import CloudProcess
+from splitinfer.models.signing import keygen
 
 
 def pytest_report_header() -> str:
@@ -28,3 +30,11 @@ def cloud_process() -> Iterator[Callable[..., CloudProcess]]:
     yield start
     for cp in started:
         cp.kill()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """Ed25519 signing keys: the fleet's (key, pub) and another's (key, pub) the fleet does not trust."""
+    k, p = keygen(tmp_path / "fleet")
+    ok, op = keygen(tmp_path / "other")
+    return k, p, ok, op

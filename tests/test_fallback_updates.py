@@ -18,7 +18,6 @@ from splitinfer.edge.hooks import AgentHooks
 from splitinfer.edge.learn import BufferRecorder
 from splitinfer.edge.status import agent_status
 from splitinfer.models.loader import load_model, weights_hash
-from splitinfer.models.signing import keygen
 from splitinfer.train.federated_fit import adapt_batchnorm
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,13 +35,6 @@ def _improved(delta: float = 0.05) -> dict[str, torch.Tensor]:
     mean = next(k for k in state if k.endswith("running_mean"))
     state[mean] += 0.5
     return state
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
-    k, p = keygen(tmp_path / "fleet")
-    ok, op = keygen(tmp_path / "other")
-    return k, p, ok, op
 
 
 async def _until(cond: Callable[[], bool], what: Callable[[], Any], timeout_s: float = 60) -> None:

@@ -20,7 +20,7 @@ from splitinfer.edge.agent import AgentConfig, EdgeAgent, request_input
 from splitinfer.edge.updates import in_canary
 from splitinfer.errors import UserError
 from splitinfer.models.loader import load_model, weights_hash
-from splitinfer.models.signing import TrustSet, keygen, sign_manifest
+from splitinfer.models.signing import TrustSet, sign_manifest
 from splitinfer.models.versions import (
     Manifest,
     UpdateRefused,
@@ -41,13 +41,6 @@ def _finetuned(seed: float = 0.01) -> dict[str, torch.Tensor]:
     state["fc.weight"] += seed
     state["fc.bias"] -= seed
     return state
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
-    k, p = keygen(tmp_path / "fleet")
-    ok, op = keygen(tmp_path / "other")
-    return k, p, ok, op
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Hashable, TypeVar
 
 import torch
 
@@ -82,7 +82,7 @@ def run_merged(tail: Tail, inputs: list[dict[str, torch.Tensor]], sizes: list[in
         return [{k: parts[k][i].clone() for k in outputs} for i in range(len(inputs))]
 
 
-class _KeyQueue:
+class KeyQueue:
     """The jobs waiting for one (model, cut): one FIFO per client."""
 
     def __init__(self) -> None:
@@ -128,6 +128,59 @@ class _KeyQueue:
         return batch
 
 
+class BatchQueues:
+    """Jobs waiting per key (one :class:`KeyQueue` each) and the rule for when a key's batch
+    leaves: full, its wait is over, a deadline is near, shutting down, or the key is eager
+    (see the module docstring). Shared by this batcher and the Ray driver's
+    (cloud/backends/ray_batches.py), so both batch by the same rules."""
+
+    def __init__(self, max_batch: int, max_wait_s: float) -> None:
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.pending: OrderedDict[Hashable, KeyQueue] = OrderedDict()
+        self.lone: dict[Hashable, int] = {}  # per key: consecutive waits that gathered no company
+        self.draining = False  # shutting down: run what is queued without waiting to fill
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def add(self, key: Hashable, jobs: list[Job]) -> None:
+        queue = self.pending.setdefault(key, KeyQueue())
+        for job in jobs:
+            queue.add(job)
+
+    def eager(self, key: Hashable) -> bool:
+        """Whether a lone request of ``key`` on an idle tail runs at once (see the module docstring)."""
+        return self.max_wait_s == 0 or self.lone.get(key, 0) >= EAGER_AFTER
+
+    def take_ready(self, now: float, only_full: bool = False) -> tuple[list[Job], float | None]:
+        """A batch that is ready (keys in round-robin order); else when to look again.
+        ``only_full``: every runner is busy, so only full batches leave (the rest keep filling)."""
+        next_due: float | None = None
+        for key, queue in self.pending.items():
+            full = queue.samples >= self.max_batch
+            if only_full and not full and not self.draining:
+                continue
+            first = queue.first_enqueued()
+            due = first + self.max_wait_s
+            deadline = queue.earliest_deadline()
+            if deadline is not None:  # never let a deadline pass while waiting for company
+                due = min(due, deadline - DEADLINE_MARGIN_S)
+            if full or now >= due or self.draining or self.eager(key):
+                timed_out = not full and not self.draining and now >= first + self.max_wait_s
+                batch = queue.take(self.max_batch)
+                if len(batch) > 1:
+                    self.lone[key] = 0  # company came: waiting pays for this key
+                elif timed_out and not self.eager(key):
+                    self.lone[key] = self.lone.get(key, 0) + 1
+                if not queue.jobs:
+                    del self.pending[key]
+                else:
+                    self.pending.move_to_end(key)  # the other keys go first next time
+                return batch, None
+            next_due = due if next_due is None else min(next_due, due)
+        return [], next_due
+
+
 class Batcher:
     def __init__(
         self,
@@ -145,14 +198,12 @@ class Batcher:
         self.admission = Admission(max_queue, client_limit(self.max_batch, max_queue, client_share))
         self.on_batch = on_batch  # metrics hook: samples per batch
         self._threads = threads
-        self._pending: OrderedDict[Key, _KeyQueue] = OrderedDict()
-        self._lone: dict[Key, int] = {}  # per key: consecutive waits that gathered no company
+        self._queues = BatchQueues(self.max_batch, self.max_wait_s)
         self._wakeup = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tail", initializer=self._init_thread
         )
         self._task: asyncio.Task | None = None
-        self._draining = False  # shutting down: run what is queued without waiting to fill
 
     @property
     def queued(self) -> int:
@@ -172,7 +223,7 @@ class Batcher:
 
     def drain(self) -> None:
         """From now on run pending batches at once instead of waiting for them to fill."""
-        self._draining = True
+        self._queues.drain()
         self._wakeup.set()
 
     async def close(self) -> None:
@@ -195,7 +246,7 @@ class Batcher:
 
     def eager(self, key: Key) -> bool:
         """Whether a lone request of ``key`` on an idle tail runs at once (see the module docstring)."""
-        return self.max_wait_s == 0 or self._lone.get(key, 0) >= EAGER_AFTER
+        return self._queues.eager(key)
 
     async def submit(
         self, tail: Tail, tensors: dict[str, torch.Tensor], batch: int, deadline: float | None, client: str = ""
@@ -206,9 +257,7 @@ class Batcher:
                 Job(tail, part, n, deadline, loop.create_future(), client)
                 for part, n in chunks(tensors, batch, self.max_batch)
             ]
-            queue = self._pending.setdefault((tail.model_id, tail.cut_id), _KeyQueue())
-            for job in jobs:
-                queue.add(job)
+            self._queues.add((tail.model_id, tail.cut_id), jobs)
             self._wakeup.set()
             try:
                 results = await asyncio.gather(*(j.future for j in jobs))
@@ -218,35 +267,10 @@ class Batcher:
                         job.future.cancel()
         return merge(results)
 
-    def _take_ready(self, now: float) -> tuple[list[Job], float | None]:
-        """A batch that is ready (keys in round-robin order); else when to look again."""
-        next_due: float | None = None
-        for key, queue in self._pending.items():
-            first = queue.first_enqueued()
-            due = first + self.max_wait_s
-            deadline = queue.earliest_deadline()
-            if deadline is not None:  # never let a deadline pass while waiting for company
-                due = min(due, deadline - DEADLINE_MARGIN_S)
-            full = queue.samples >= self.max_batch
-            if full or now >= due or self._draining or self.eager(key):
-                timed_out = not full and not self._draining and now >= first + self.max_wait_s
-                batch = queue.take(self.max_batch)
-                if len(batch) > 1:
-                    self._lone[key] = 0  # company came: waiting pays for this key
-                elif timed_out and not self.eager(key):
-                    self._lone[key] = self._lone.get(key, 0) + 1
-                if not queue.jobs:
-                    del self._pending[key]
-                else:
-                    self._pending.move_to_end(key)  # the other keys go first next time
-                return batch, None
-            next_due = due if next_due is None else min(next_due, due)
-        return [], next_due
-
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch, next_due = self._take_ready(time.monotonic())
+            batch, next_due = self._queues.take_ready(time.monotonic())
             if not batch:
                 self._wakeup.clear()
                 timeout = None if next_due is None else max(0.0, next_due - time.monotonic())

@@ -150,11 +150,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def tail_request() -> tuple[InferRequest, torch.Tensor]:
     """A request for the middle cut of MODEL, and the whole model's answer to its input."""
+    return _cut_request(0)
+
+
+def _cut_request(offset: int) -> tuple[InferRequest, torch.Tensor]:
+    """A request for the cut ``offset`` after the middle one, and the whole model's answer."""
     lm = load_model(MODEL)
     gm, graph = capture(lm.module, lm.example_input)
-    head = graph.prefix_head((graph.cloud_only_index + graph.edge_only_index - 1) // 2)
+    head = graph.prefix_head((graph.cloud_only_index + graph.edge_only_index - 1) // 2 + offset)
     split = split_model(gm, graph, head)
-    x = torch.randn(lm.example_input.shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(lm.example_input.shape, generator=torch.Generator().manual_seed(offset))
     with torch.inference_mode():
         tensors, expected = split.run_head(x), lm.module(x)
     return InferRequest("r", lm.name, weights_hash(lm.module), graph.cut_id(head), tensors, None, "none"), expected
@@ -366,3 +371,129 @@ def test_replica_model_predictions() -> None:
     assert lone.p50_ms == pytest.approx(54.0) and lone.throughput_rps == pytest.approx(1e3 / 54.0, rel=0.01)
     batched = predict_replicas({1: 50.0, 32: 800.0}, 1, 32, max_batch=32, requests=800)
     assert batched.mean_batch > 28 and batched.throughput_rps == pytest.approx(32 / 0.8, rel=0.1)
+
+
+# ------------------------------------- batches formed in the worker (a stand-in handle, no cluster)
+class _FakeReplicas:
+    """Records each handle call (one batch) and answers as a replica does; the first ``fail``
+    calls die as a SIGKILLed replica's do."""
+
+    def __init__(self, registry, fail: int = 0, run_s: float = 0.05) -> None:
+        self.registry, self.fail, self.run_s, self.calls = registry, fail, run_s, []
+        self.run = self  # handle.run.remote(call)
+
+    def remote(self, call) -> asyncio.Task:  # awaitable and cancellable, as a DeploymentResponse
+        self.calls.append(call)
+        return asyncio.ensure_future(self._answer(call, len(self.calls)))
+
+    async def _answer(self, call, n: int):
+        from ray.exceptions import ActorDiedError
+
+        from splitinfer.cloud.backends.ray_replica import TailAnswer, from_arrays, to_arrays
+        from splitinfer.cloud.batcher import run_merged
+
+        await asyncio.sleep(self.run_s)
+        if n <= self.fail:
+            raise ActorDiedError()
+        tail = self.registry.tail(call.model_id, call.model_hash, call.cut_id)
+        outs = run_merged(tail, [from_arrays(a, call.dtypes) for a in call.inputs], list(call.sizes))
+        return TailAnswer([to_arrays(o)[0] for o in outs], {}, "", 1.0, call.samples, f"r{n}", "node", 100 + n)
+
+
+def _fake_backend(fail: int = 0, run_s: float = 0.05, **cfg):
+    from splitinfer.cloud.backends.ray_serve import RayBackend
+    from splitinfer.cloud.config import WorkerConfig
+    from splitinfer.cloud.registry import ModelRegistry
+
+    registry = ModelRegistry([MODEL])
+    answers: list[tuple[str, str, int]] = []
+    fake = _FakeReplicas(registry, fail=fail, run_s=run_s)
+    config = WorkerConfig(models=(MODEL,), backend="ray", **{"max_batch": 8, "max_wait_ms": LONG_WAIT_MS, **cfg})
+    backend = RayBackend(config, registry, on_served=lambda *who: answers.append(who), handle=fake)
+    return backend, registry, fake, answers
+
+
+async def _submit(backend, registry, req: InferRequest, client: str, deadline: float | None = None):
+    tail = registry.tail(req.model_id, req.model_hash, req.cut_id)
+    return await backend.submit(tail, req.tensors, 1, deadline, client)
+
+
+def test_a_batch_is_one_replica_call_and_counts_each_answer(tail_request) -> None:
+    req, expected = tail_request
+    backend, registry, fake, answers = _fake_backend()
+
+    async def run() -> None:
+        await backend.start()
+        results = await asyncio.gather(*(_submit(backend, registry, req, f"c{i}") for i in range(8)))
+        await backend.close()
+        assert len(fake.calls) == 1 and fake.calls[0].sizes == [1] * 8, [c.sizes for c in fake.calls]
+        assert len(answers) == 8 and backend.served["r1@node"] == 8 and backend.describe()["batches"] == 1
+        for r in results:
+            assert r.batch_size == 8 and r.served_by == "r1"
+            torch.testing.assert_close(r.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+
+    asyncio.run(run())
+
+
+def test_mixed_tails_are_not_merged(tail_request) -> None:
+    (req_a, expected_a), (req_b, expected_b) = tail_request, _cut_request(1)
+    assert req_a.cut_id != req_b.cut_id
+    backend, registry, fake, answers = _fake_backend(replicas=2)
+
+    async def run() -> None:
+        await backend.start()
+        reqs = [req_a, req_b] * 4
+        results = await asyncio.gather(*(_submit(backend, registry, r, f"c{i}") for i, r in enumerate(reqs)))
+        await backend.close()
+        assert sorted(c.cut_id for c in fake.calls) == sorted({req_a.cut_id, req_b.cut_id}), fake.calls
+        assert all(c.sizes == [1] * 4 for c in fake.calls) and len(answers) == 8
+        for r, want in zip(results, [expected_a, expected_b] * 4):
+            torch.testing.assert_close(r.outputs["output"], want, rtol=1e-4, atol=1e-5)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fail", [1, 2])
+def test_replica_dead_mid_batch(fail: int, tail_request) -> None:
+    """A batch is retried once on another replica; if that dies too, each request gets `overloaded`."""
+    from splitinfer.cloud.backends.base import Overloaded
+
+    req, expected = tail_request
+    backend, registry, fake, answers = _fake_backend(fail=fail)
+
+    async def run() -> None:
+        await backend.start()
+        got = await asyncio.gather(*(_submit(backend, registry, req, f"c{i}", time.monotonic() + 5.0) for i in range(8)),
+                                   return_exceptions=True)  # fmt: skip
+        await backend.close()
+        assert len(fake.calls) == 2 and all(c.sizes == [1] * 8 for c in fake.calls)
+        if fail == 1:
+            assert len(answers) == 8 and all(a[0] == "r2" for a in answers)
+            for r in got:
+                torch.testing.assert_close(r.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+        else:
+            assert not answers and all(isinstance(e, Overloaded) and "replica died" in str(e) for e in got), got
+
+    asyncio.run(run())
+
+
+def test_batches_wait_for_busy_replicas_and_deadlines(tail_request) -> None:
+    """Batching off: each call a batch of one, two out per replica; a deadline passing while queued says so."""
+    from splitinfer.cloud.backends.base import DeadlineExceeded
+
+    req, _ = tail_request
+    backend, registry, fake, answers = _fake_backend(run_s=0.3, max_batch=1, replicas=2)
+
+    async def run() -> None:
+        await backend.start()
+        late = asyncio.ensure_future(asyncio.gather(*(_submit(backend, registry, req, f"c{i}") for i in range(6))))
+        await asyncio.sleep(0.1)
+        assert len(fake.calls) == 4 and backend.batches.in_flight == 4  # 2 replicas x depth 2
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="while queued"):
+            await _submit(backend, registry, req, "x", time.monotonic() + 0.1)
+        assert time.monotonic() - start < 0.3
+        assert len(await late) == 6 and len(answers) == 6
+        await backend.close()
+
+    asyncio.run(run())

@@ -7,12 +7,15 @@ application ``splitinfer-<worker id>`` (one deployment, ``tails``, of
 
 - Without ``ray_address`` it starts a local Ray instance (``ray.init``) and stops it on
   exit; with one it joins that cluster and, on exit, deletes only its own application.
-- Admission (queue and per-client share) and the order in which calls reach the replicas
-  (:class:`~.fair.FairGate`) are decided here; batching is the replicas' (``@serve.batch``).
-- Faults become explicit answers: a replica that dies mid-call is retried once on another
-  (Ray restarts the dead one), then ``overloaded``; a cluster whose head is gone answers
-  ``overloaded`` at once with that reason (a watchdog checks the head's GCS port); nothing
-  waits past its deadline, or ``backend_timeout_s`` without one.
+- Admission (queue and per-client share), fairness and batching are decided here: requests
+  queue in this process and leave in batches formed by the local batcher's rules, one
+  handle call per batch (:mod:`.ray_batches`); a call's per-request CPU (router, replica,
+  serialization) is what made the Ray path slow, so a batch of n pays it once.
+- Faults become explicit answers: a batch whose replica dies mid-run is retried once on
+  another (Ray restarts the dead one), then each of its requests gets ``overloaded``; a
+  cluster whose head is gone answers ``overloaded`` at once with that reason (a watchdog
+  checks the head's GCS port); nothing waits past its deadline, or ``backend_timeout_s``
+  without one.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from splitinfer.cloud.backends.base import Admission, Backend, DeadlineExceeded, JobResult, Overloaded, client_limit
-from splitinfer.cloud.backends.fair import FairGate
-from splitinfer.cloud.batcher import chunks, merge
+from splitinfer.cloud.backends.ray_batches import DriverBatcher, RayJob
 from splitinfer.cloud.config import WorkerConfig
 from splitinfer.cloud.registry import ModelRegistry, Tail
 from splitinfer.errors import UserError
@@ -47,6 +49,7 @@ TEARDOWN_TIMEOUT_S = 20.0  # leaving a cluster that no longer answers must not h
 WATCH_EVERY_S = 0.5  # how often the head's GCS port is checked
 RETRY_MIN_S = 0.05  # a call is retried (its replica died) only with at least this much time left
 OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: activations in flight, not a cache
+DEPTH = 2  # batches out per replica: one running, the next one on its way
 
 
 class RayBackend(Backend):
@@ -58,6 +61,7 @@ class RayBackend(Backend):
         registry: ModelRegistry,
         on_batch: Callable[[int], None] | None = None,
         on_served: Callable[[str, str, int], None] | None = None,
+        handle: Any = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -66,13 +70,15 @@ class RayBackend(Backend):
         self.app_name = f"splitinfer-{config.worker_id}"
         self.admission = Admission(config.max_queue, client_limit(config.max_batch, config.max_queue, config.client_share))
         most = config.autoscale[1] if config.autoscale else config.replicas
-        share = 2 * max(1, config.max_batch)  # calls out per replica: a batch running, the next one gathering
-        self.gate = FairGate(most * share)
-        # Ray Serve's own cap per replica, above our share: a replica counts a call until its answer
-        # has left, so at exactly our share it rejects the next call now and then, and the handle
-        # backs off (25 ms and more) before trying again
-        self.max_ongoing = 2 * share
-        self.handle: Any = None
+        self.batches = DriverBatcher(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, replicas=most,
+                                     depth=DEPTH, send=self._send, down=lambda: self.down)  # fmt: skip
+        # Ray Serve's own cap per replica, above what we send: a replica counts a call until its
+        # answer has left, so at exactly our count it rejects the next call now and then, and the
+        # handle backs off (25 ms and more) before trying again; and while a replica restarts,
+        # every batch out may go to the others
+        self.max_ongoing = 2 * most * DEPTH
+        self.handle: Any = handle  # given: tests without a cluster (start() then deploys nothing)
+        self._run: Any = None  # the handle of the replicas' `run` (made once: each attribute access copies it)
         self.gcs_address = ""
         self.down = ""  # why the cluster cannot be used right now ("" while it can)
         self.served: Counter[str] = Counter()
@@ -83,12 +89,18 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
+        if self.handle is not None:
+            self._run = self.handle.run
+            self.batches.start()
+            return
         try:
             await self._control.run(self._deploy, DEPLOY_TIMEOUT_S)
         except TimeoutError:
             raise UserError(f"the Ray Serve replicas did not start within {DEPLOY_TIMEOUT_S:.0f} s "
                             "(does the cluster have the CPUs for them?)") from None
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="ray-watchdog")
+        self._run = self.handle.run
+        self.batches.start()
 
     def _deploy(self) -> None:
         import ray
@@ -130,7 +142,7 @@ class RayBackend(Backend):
             options["autoscaling_config"] = {
                 "min_replicas": low,
                 "max_replicas": high,
-                "target_ongoing_requests": max(1, cfg.max_batch),
+                "target_ongoing_requests": 1,  # a call is a batch: more than one out means a queue
                 "upscale_delay_s": 2.0,
                 "downscale_delay_s": 30.0,
             }
@@ -138,19 +150,18 @@ class RayBackend(Backend):
             options["num_replicas"] = cfg.replicas
         hashes = {m.model_id: m.hash for m in self.registry.models.values()}
         threads = cfg.threads or max(1, int(cfg.replica_cpus))
-        app = serve.deployment(TailReplica).options(**options).bind(
-            list(cfg.models), hashes, cfg.max_batch, cfg.max_wait_ms, threads
-        )
+        app = serve.deployment(TailReplica).options(**options).bind(list(cfg.models), hashes, threads)
         self.handle = serve.run(app, name=self.app_name, route_prefix=None)
         log.info("ray backend: application %s on the cluster at %s", self.app_name, self.gcs_address)
 
     def drain(self) -> None:
-        pass  # the replicas' batches close on their own wait; nothing is held back here
+        self.batches.drain()
 
     async def close(self) -> None:
         deadline = time.monotonic() + self.config.backend_timeout_s
         while self.admission.queued and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        await self.batches.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
         try:
@@ -207,84 +218,78 @@ class RayBackend(Backend):
         if self.down:
             raise Overloaded(self.down)
         with self.admission.hold(client, batch):
-            parts = chunks(tensors, batch, max(1, self.config.max_batch))
-            calls = [self._call(tail, part, n, deadline, client) for part, n in parts]
-            tasks = [asyncio.ensure_future(c) for c in calls]
-            try:
-                results = await asyncio.gather(*tasks)
-            finally:
-                for t in tasks:  # one chunk failed or the caller went away: drop the rest
-                    t.cancel()
-        return merge(results)
+            return await self.batches.submit(tail, tensors, batch, deadline, client, self.config.backend_timeout_s)
 
-    async def _call(
-        self, tail: Tail, tensors: dict[str, torch.Tensor], samples: int, deadline: float | None, client: str
-    ) -> JobResult:
-        from ray import exceptions as rex
-        from ray.serve import exceptions as sex
-
+    async def _send(self, jobs: list[RayJob]) -> None:
+        """One handle call for a batch (retried once if its replica died); settles every job."""
         from splitinfer.cloud.backends.ray_replica import TailCall, from_arrays, to_arrays
 
-        enqueued = time.monotonic()
-        limit = deadline if deadline is not None else enqueued + self.config.backend_timeout_s
+        sent = jobs[0].sent or time.monotonic()  # stamped by the batcher as the batch left
+        tail = jobs[0].tail
+        inputs, dtypes = [], {}
+        for job in jobs:
+            arrays, dtypes = to_arrays(job.tensors)
+            inputs.append(arrays)
+        hosted = self.registry.models[tail.model_id]
+        call = TailCall(tail.model_id, hosted.hash, tail.cut_id, inputs, dtypes, [j.batch for j in jobs])
         try:
-            async with asyncio.timeout_at(limit):  # the loop's clock is time.monotonic()
-                await self.gate.acquire((tail.model_id, tail.cut_id), client)
-        except TimeoutError:
-            raise DeadlineExceeded("deadline passed while queued") from None
-        try:
-            arrays, dtypes = to_arrays(tensors)
-            hosted = self.registry.models[tail.model_id]
-            call = TailCall(tail.model_id, hosted.hash, tail.cut_id, arrays, dtypes, samples)
-            started = time.monotonic()
-            for attempt in range(2):
-                response = self.handle.infer.remote(call)
-                try:
-                    answer = await asyncio.wait_for(_awaited(response), max(0.001, limit - time.monotonic()))
-                    break
-                except asyncio.TimeoutError:
-                    response.cancel()
-                    if self.down:
-                        raise Overloaded(self.down) from None
-                    if deadline is not None:
-                        raise DeadlineExceeded("deadline passed while the tail ran on a Ray replica") from None
-                    raise Overloaded(f"no answer from the Ray replicas within {self.config.backend_timeout_s:g} s") from None
-                except (rex.RayActorError, sex.ReplicaUnavailableError, rex.WorkerCrashedError, rex.NodeDiedError) as exc:
-                    if self.down:
-                        raise Overloaded(self.down) from None
-                    if attempt == 0 and limit - time.monotonic() > RETRY_MIN_S:
-                        log.warning("ray backend: a replica failed mid-call (%s); retrying once", type(exc).__name__)
-                        continue
-                    raise Overloaded("a tail replica died while running this request; Ray restarts it, retry") from None
-                except sex.BackPressureError:
-                    raise Overloaded("the Ray replicas' queues are full; retry later") from None
-                except rex.RayTaskError as exc:  # our replica code raised: a bug, not load
-                    raise RuntimeError(f"tail replica failed: {exc}") from None
-                except rex.RayError as exc:
-                    raise Overloaded(self.down or f"the Ray cluster failed this call ({type(exc).__name__})") from None
-        finally:
-            self.gate.release()
-        if answer.error:
-            raise RuntimeError(f"tail failed on replica {answer.replica}: {answer.error}")
+            answer = await self._remote(call, max(j.limit for j in jobs), any(j.deadline is not None for j in jobs))
+            if answer.error:
+                raise RuntimeError(f"tail failed on replica {answer.replica}: {answer.error}")
+        except Exception as exc:  # the batch failed as a whole: each of its requests says why
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        assert answer.outputs is not None and len(answer.outputs) == len(jobs)
         if self.on_batch and answer.batch_size:
             self.on_batch(answer.batch_size)
         node = answer.node[:12]
-        self.served[f"{answer.replica}@{node}"] += 1
-        if self.on_served:
-            self.on_served(answer.replica, node, answer.pid)
-        assert answer.outputs is not None
-        return JobResult(
-            from_arrays(answer.outputs, answer.dtypes),
-            queue_ms=(started - enqueued) * 1e3,
-            compute_ms=answer.compute_ms,
-            batch_size=answer.batch_size,
-            served_by=answer.replica,
-            node=node,
-        )
+        self.served[f"{answer.replica}@{node}"] += len(jobs)
+        for job, outputs in zip(jobs, answer.outputs):
+            if self.on_served:  # one answer per request (or chunk) of the batch
+                self.on_served(answer.replica, node, answer.pid)
+            if not job.future.done():
+                job.future.set_result(JobResult(
+                    from_arrays(outputs, answer.dtypes), queue_ms=(sent - job.enqueued) * 1e3,
+                    compute_ms=answer.compute_ms, batch_size=answer.batch_size, served_by=answer.replica, node=node,
+                ))  # fmt: skip
+
+    async def _remote(self, call: Any, limit: float, has_deadline: bool) -> Any:
+        """The replica's answer to ``call`` by ``limit``, or the exception its requests get."""
+        from ray import exceptions as rex
+        from ray.serve import exceptions as sex
+
+        for attempt in range(2):
+            response = self._run.remote(call)
+            try:
+                return await asyncio.wait_for(_awaited(response), max(0.001, limit - time.monotonic()))
+            except asyncio.TimeoutError:
+                response.cancel()
+                if self.down:
+                    raise Overloaded(self.down) from None
+                if has_deadline:
+                    raise DeadlineExceeded("deadline passed while the tail ran on a Ray replica") from None
+                raise Overloaded(f"no answer from the Ray replicas within {self.config.backend_timeout_s:g} s") from None
+            except (rex.RayActorError, sex.ReplicaUnavailableError, rex.WorkerCrashedError, rex.NodeDiedError) as exc:
+                if self.down:
+                    raise Overloaded(self.down) from None
+                if attempt == 0 and limit - time.monotonic() > RETRY_MIN_S:
+                    log.warning("ray backend: a replica failed mid-batch (%s); retrying once", type(exc).__name__)
+                    continue
+                raise Overloaded("a tail replica died while running this request; Ray restarts it, retry") from None
+            except sex.BackPressureError:
+                raise Overloaded("the Ray replicas' queues are full; retry later") from None
+            except rex.RayTaskError as exc:  # our replica code raised: a bug, not load
+                raise RuntimeError(f"tail replica failed: {exc}") from None
+            except rex.RayError as exc:
+                raise Overloaded(self.down or f"the Ray cluster failed this call ({type(exc).__name__})") from None
+        raise AssertionError("unreachable")
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "app": self.app_name, "cluster": self.gcs_address,
-                               "local_ray": self._owns_ray, "served": dict(self.served)}  # fmt: skip
+                               "local_ray": self._owns_ray, "served": dict(self.served),
+                               "batches": self.batches.batches}  # fmt: skip
         if self.config.autoscale:
             out["autoscale"] = list(self.config.autoscale)
         else:

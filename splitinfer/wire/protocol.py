@@ -46,6 +46,7 @@ __all__ = [
     "ProtocolError",
     "decode_message",
     "check_version",
+    "parse_message",
     "encode_message",
     "read_request",
 ]
@@ -265,7 +266,7 @@ def decode_message(data: bytes | bytearray | memoryview, limits: CodecLimits = D
 
     Uncompressed tensors are views of ``data`` (see :func:`splitinfer.wire.codec.decode_tensors`).
     """
-    return _parse(data, limits, _TYPES)
+    return parse_message(data, limits, _TYPES)
 
 
 def read_request(data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS) -> PendingRequest:
@@ -273,10 +274,15 @@ def read_request(data: bytes | bytearray | memoryview, limits: CodecLimits = DEF
 
     Any other message type is refused as ``bad_message``. Call :meth:`PendingRequest.decode`
     once the declared tensors are acceptable."""
-    return _parse(data, limits, {InferRequest.TYPE: PendingRequest}, "expected an infer_request")
+    return parse_message(data, limits, {InferRequest.TYPE: PendingRequest}, _TYPES, "expected an infer_request")
 
 
-def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dict, expected: str = "") -> Any:
+def parse_message(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dict,
+                  known: dict | None = None, expected: str = "") -> Any:  # fmt: skip
+    """Unpack a message and build it with ``types[its type].from_dict``; raises only ProtocolError,
+    carrying the message's id when it is readable. A type outside ``known`` (default: ``types``)
+    is unknown; one in ``known`` but not in ``types`` is refused with ``expected``."""
+    known = types if known is None else known
     try:
         d = unpack(data, limits)
     except CodecError as exc:
@@ -288,9 +294,9 @@ def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dic
     try:
         check_version(d)
         kind = d.get("type")
-        if not isinstance(kind, str) or kind not in _TYPES:
+        if not isinstance(kind, str) or kind not in known:
             raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(_TYPES)}"
+                ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(known)}"
             )
         if kind not in types:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, expected)

@@ -29,14 +29,14 @@ from typing import Any, ClassVar, Self
 import torch
 
 from splitinfer.errors import ErrorCode
-from splitinfer.wire.codec import DEFAULT_LIMITS, CodecError, CodecLimits, declare_tensors, decode_declared, encode_tensors, pack, unpack
+from splitinfer.wire.codec import DEFAULT_LIMITS, CodecError, CodecLimits, declare_tensors, decode_declared, encode_tensors, pack
 from splitinfer.wire.protocol import (
     PROTOCOL_VERSION,
     ErrorMessage,
     InferRequest,
     PendingRequest,
     ProtocolError,
-    check_version,
+    parse_message,
 )
 
 __all__ = [
@@ -276,35 +276,14 @@ def read_message(
     """Parse a request a worker received: an infer_request (tensors declared, not decoded)
     or a session request. Raises only :class:`ProtocolError` (with the id when readable)."""
     types: dict[str, Any] = {InferRequest.TYPE: PendingRequest, **SESSION_REQUESTS}
-    return _parse(data, limits, types)
+    return parse_message(data, limits, types)
 
 
 def decode_session_reply(
     data: bytes | bytearray | memoryview, limits: CodecLimits = DEFAULT_LIMITS
 ) -> SessionOpened | SessionResult | SessionClosed | ErrorMessage:
     """Parse what the edge received for a session request; raises only ProtocolError."""
-    return _parse(data, limits, _REPLIES)
-
-
-def _parse(data: bytes | bytearray | memoryview, limits: CodecLimits, types: dict[str, Any]) -> Any:
-    try:
-        d = unpack(data, limits)
-    except CodecError as exc:
-        raise ProtocolError(ErrorCode(exc.code), exc.message) from None
-    if not isinstance(d, dict):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message must be a map, got {type(d).__name__}")
-    request_id = d.get("id")
-    request_id = request_id if isinstance(request_id, str) and len(request_id) <= _MAX_ID_LEN else None
-    try:
-        check_version(d)
-        kind = d.get("type")
-        if not isinstance(kind, str) or kind not in types:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown message type {str(kind)[:64]!r}; expected {', '.join(types)}")
-        return types[kind].from_dict(d, limits)
-    except ProtocolError as exc:
-        raise ProtocolError(exc.code, exc.message, request_id) from None
-    except CodecError as exc:
-        raise ProtocolError(ErrorCode(exc.code), exc.message, request_id) from None
+    return parse_message(data, limits, _REPLIES)
 
 
 # --------------------------------------------------------------------------- field validation

@@ -47,6 +47,7 @@ __all__ = [
     "decode_message",
     "check_version",
     "parse_message",
+    "text_field",
     "encode_message",
     "read_request",
 ]
@@ -156,7 +157,7 @@ class PendingRequest:
     @classmethod
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> PendingRequest:
         _check_header(d, InferRequest.TYPE)
-        compression = _text(d, "compression")
+        compression = text_field(d, "compression")
         try:
             parse_compression(compression)
         except ValueError as exc:
@@ -164,7 +165,7 @@ class PendingRequest:
         deadline = d.get("deadline_ms")
         if deadline is not None:
             deadline = _number(d, "deadline_ms")
-        ids = (_text(d, "id"), _text(d, "model_id"), _text(d, "model_hash"), _text(d, "cut_id"))
+        ids = (text_field(d, "id"), text_field(d, "model_id"), text_field(d, "model_hash"), text_field(d, "cut_id"))
         if "tensors" not in d:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no 'tensors'")
         try:
@@ -205,7 +206,7 @@ class InferResult:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'batch_size' must be a positive integer")
         return cls(
-            id=_text(d, "id"),
+            id=text_field(d, "id"),
             queue_ms=_number(d, "queue_ms"),
             compute_ms=_number(d, "compute_ms"),
             batch_size=batch_size,
@@ -239,13 +240,13 @@ class ErrorMessage:
         _check_header(d, cls.TYPE)
         request_id = d.get("id")
         if request_id is not None:
-            request_id = _text(d, "id")
-        code = _text(d, "code")
+            request_id = text_field(d, "id")
+        code = text_field(d, "code")
         try:
             error_code = ErrorCode(code)
         except ValueError:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown error code {code[:64]!r}") from None
-        return cls(id=request_id, code=error_code, message=_text(d, "message", _MAX_TEXT_LEN))
+        return cls(id=request_id, code=error_code, message=text_field(d, "message", _MAX_TEXT_LEN))
 
 
 Message = InferRequest | InferResult | ErrorMessage
@@ -332,7 +333,8 @@ def _check_header(d: dict[object, object], kind: str) -> None:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message type is not {kind!r}")
 
 
-def _text(d: dict[object, object], key: str, max_len: int = _MAX_ID_LEN) -> str:
+def text_field(d: dict[object, object], key: str, max_len: int = _MAX_ID_LEN) -> str:
+    """Field ``key`` of a message: a string of at most ``max_len`` characters (else bad_message)."""
     value = d.get(key)
     if not isinstance(value, str):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} must be a string")

@@ -37,6 +37,7 @@ from splitinfer.wire.protocol import (
     PendingRequest,
     ProtocolError,
     parse_message,
+    text_field,
 )
 
 __all__ = [
@@ -61,7 +62,6 @@ MAX_STEP_TOKENS = 4096  # new positions in one step (prefill); a worker also bou
 MAX_VERIFY = 64  # draft tokens in one verify step (a worker may allow fewer)
 MAX_D_MODEL = 8192  # width of a hidden state on the wire
 MAX_HIDDEN_BYTES = 16 * 2**20  # one decoded `hidden` (bounds what a small compressed message can expand to)
-_MAX_ID_LEN = 256
 _MAX_SEED = 2**63 - 1
 _MAX_TEMPERATURE = 1000.0
 VOCAB = 256
@@ -95,12 +95,12 @@ class SessionOpen:
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> SessionOpen:
         weights = d.get("weights")
         return cls(
-            id=_text(d, "id"),
-            model=_text(d, "model"),
+            id=text_field(d, "id"),
+            model=text_field(d, "model"),
             cut=_int(d, "cut", 0, 1 << 16, default=0),
             temperature=_float(d, "temperature", _MAX_TEMPERATURE, default=0.0),
             seed=_int(d, "seed", 0, _MAX_SEED, default=0),
-            weights=None if weights is None else _text(d, "weights"),
+            weights=None if weights is None else text_field(d, "weights"),
         )
 
 
@@ -131,9 +131,9 @@ class SessionOpened:
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> SessionOpened:
         big = 1 << 31
         return cls(
-            id=_text(d, "id"), session=_text(d, "session"), model=_text(d, "model"),
+            id=text_field(d, "id"), session=text_field(d, "session"), model=text_field(d, "model"),
             cut=_int(d, "cut", 0, big), n_layers=_int(d, "n_layers", 1, big), max_ctx=_int(d, "max_ctx", 1, big),
-            d_model=_int(d, "d_model", 1, big), weights=_text(d, "weights") if "weights" in d else "",
+            d_model=_int(d, "d_model", 1, big), weights=text_field(d, "weights") if "weights" in d else "",
             max_step_tokens=_int(d, "max_step_tokens", 1, big, default=MAX_STEP_TOKENS),
             max_verify=_int(d, "max_verify", 0, big, default=MAX_VERIFY),
         )  # fmt: skip
@@ -192,7 +192,7 @@ class SessionStep:
         if d.get("q") is not None and verify == 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'q' is only sent with a verify step")
         q = _q(d["q"], verify, limits) if d.get("q") is not None else None
-        return cls(id=_text(d, "id"), session=_text(d, "session"), position=_int(d, "position", 0, 1 << 31),
+        return cls(id=text_field(d, "id"), session=text_field(d, "session"), position=_int(d, "position", 0, 1 << 31),
                    tokens=tokens, hidden=hidden, verify=verify, q=q)  # fmt: skip
 
 
@@ -219,7 +219,7 @@ class SessionResult:
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> SessionResult:
         accepted = d.get("accepted")
         return cls(
-            id=_text(d, "id"), session=_text(d, "session"), tokens=_tokens(d.get("tokens")),
+            id=text_field(d, "id"), session=text_field(d, "session"), tokens=_tokens(d.get("tokens")),
             length=_int(d, "length", 0, 1 << 31),
             accepted=None if accepted is None else _int(d, "accepted", 0, MAX_VERIFY),
             server_ms=_float(d, "server_ms", math.inf, default=0.0),
@@ -242,7 +242,7 @@ class _SessionRef:
 
     @classmethod
     def from_dict(cls, d: dict[object, object], limits: CodecLimits = DEFAULT_LIMITS) -> Self:
-        return cls(id=_text(d, "id"), session=_text(d, "session"))
+        return cls(id=text_field(d, "id"), session=text_field(d, "session"))
 
 
 @dataclass(frozen=True)
@@ -287,15 +287,6 @@ def decode_session_reply(
 
 
 # --------------------------------------------------------------------------- field validation
-
-
-def _text(d: dict[object, object], key: str, max_len: int = _MAX_ID_LEN) -> str:
-    value = d.get(key)
-    if not isinstance(value, str):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} must be a string")
-    if len(value) > max_len:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} is longer than {max_len} characters")
-    return value
 
 
 _MISSING = object()

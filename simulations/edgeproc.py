@@ -14,7 +14,7 @@ import queue
 import subprocess
 from typing import Any, Mapping, Sequence
 
-from splitinfer.util.procs import LinePump, python_module
+from splitinfer.util.procs import LinePump, python_module, reap
 
 __all__ = ["MARKER", "EdgeProcess", "edge_command"]
 
@@ -74,17 +74,4 @@ class EdgeProcess:
         return " | ".join(lines[-3:]) or f"exit code {self.proc.poll()}"
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for pump in self._pumps:
-            pump.join(timeout_s=2)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                if pipe is not None:
-                    pipe.close()
-            except OSError:
-                pass
+        reap(self.proc, self._pumps)

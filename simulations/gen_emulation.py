@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 from splitinfer.errors import UserError
 from splitinfer.simulations.cpulimit import CFS_MIN_QUOTA_US, CpuLimit
 from splitinfer.simulations.replay import GOODPUT_FACTOR, TBF_BURST_MS, TBF_MIN_BURST_PACKETS
-from splitinfer.util.procs import LinePump, python_module
+from splitinfer.util.procs import LinePump, python_module, reap
 from splitinfer.util.stats import percentile
 
 __all__ = ["EDGE_PERIOD_US", "GenEmulation", "gen_emulation_unavailable"]
@@ -119,20 +119,7 @@ class EdgeChild:
                 self.proc.wait(timeout=3)
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for pump in (self._out, self._err):
-            pump.join(timeout_s=2)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                if pipe is not None:
-                    pipe.close()
-            except OSError:
-                pass
+        reap(self.proc, (self._out, self._err))
 
 
 class GenEmulation:

@@ -4,12 +4,13 @@ read a child's pipes (a pipe nobody reads fills up and stalls the child)."""
 from __future__ import annotations
 
 import queue
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import IO
 
-__all__ = ["python_module", "LinePump"]
+__all__ = ["python_module", "LinePump", "reap"]
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -53,3 +54,21 @@ class LinePump:
     def last(self, n: int = 5) -> str:
         """The last n lines, joined: what a child said before it failed."""
         return "".join(self.tail[-n:]).strip()
+
+
+def reap(proc: subprocess.Popen, pumps: Sequence[LinePump] = (), wait_s: float = 10.0) -> None:
+    """SIGKILL ``proc`` if it still runs, wait for it, let its pumps reach EOF, close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pump in pumps:
+        pump.join(timeout_s=2)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass

@@ -10,9 +10,10 @@ rules (cloud/batcher.py, the same per-(model, cut) queues and per-client turns):
   chunks); keys take turns, and inside a key the clients do;
 - up to ``replicas`` batches are out at once, each closing as the local batcher's would
   (full, its first request waited ``max_wait_ms``, before its earliest deadline, at once
-  where waiting has not paid lately); beyond that, up to ``depth`` per replica, only full
-  batches go (what queues while every replica is busy is batched: the replica's next run
-  is already on its way when its current one ends);
+  where waiting has not paid lately); beyond that, up to ``depth`` per replica: full
+  batches, and shortly before a replica's run is predicted to end the next batch by the same
+  rules (:mod:`.ray_pacing`), so it reaches the replica as the run ends, carrying what queued
+  meanwhile, and the replica does not idle while answers and new requests travel;
 - every request waits at most until its deadline (``timeout_s`` without one) and is then
   answered with the reason; a request whose caller went away is dropped from its batch.
 
@@ -30,6 +31,7 @@ from typing import Awaitable, Callable, Hashable
 import torch
 
 from splitinfer.cloud.backends.base import DeadlineExceeded, JobResult, Overloaded
+from splitinfer.cloud.backends.ray_pacing import Pacing
 from splitinfer.cloud.batcher import BatchQueues, Job, chunks, merge
 from splitinfer.cloud.registry import Tail
 
@@ -73,6 +75,7 @@ class DriverBatcher:
         self.in_flight = 0
         self.batches = 0  # batches sent so far (one handle call each, retries aside)
         self._queues = BatchQueues(self.max_batch, self.max_wait_s)
+        self.pacing = Pacing(self.replicas)  # the caller reports each batch's run time to it
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -138,10 +141,15 @@ class DriverBatcher:
 
     def _take_ready(self, now: float) -> tuple[list[RayJob], float | None]:
         """A batch that may leave now (keys in round-robin order); else when to look again.
-        While every replica is busy only full batches leave: the others keep filling."""
+        While every replica is busy only full batches leave (the others keep filling) until one
+        replica's run is about to end."""
         if self.in_flight >= self.width:
             return [], None
-        batch, next_due = self._queues.take_ready(now, only_full=self.in_flight >= self.replicas)
+        opens = self.pacing.opens_at() if self.in_flight >= self.replicas else None
+        busy = self.in_flight >= self.replicas and (opens is None or now < opens)
+        batch, next_due = self._queues.take_ready(now, only_full=busy)
+        if not batch and busy and opens is not None and self._queues.pending:
+            next_due = opens if next_due is None else min(next_due, opens)
         return batch, next_due  # type: ignore[return-value]
 
     async def _loop(self) -> None:
@@ -163,10 +171,11 @@ class DriverBatcher:
                 job.sent = sent
             self.in_flight += 1
             self.batches += 1
-            task = asyncio.get_running_loop().create_task(self._send(live), name="ray-batch")
+            lane = self.pacing.claim(sent, sum(j.batch for j in live))
+            task = asyncio.get_running_loop().create_task(self._send(live, lane), name="ray-batch")
             self._tasks.add(task)
 
-    async def _send(self, jobs: list[RayJob]) -> None:
+    async def _send(self, jobs: list[RayJob], lane: int) -> None:
         try:
             await self.send(jobs)
         except asyncio.CancelledError:
@@ -178,5 +187,6 @@ class DriverBatcher:
                     job.future.set_exception(RuntimeError(f"sending the batch failed: {exc}"))
         finally:
             self.in_flight -= 1
+            self.pacing.release(lane, time.monotonic())
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._wakeup.set()

@@ -242,6 +242,7 @@ class RayBackend(Backend):
                     job.future.set_exception(exc)
             return
         assert answer.outputs is not None and len(answer.outputs) == len(jobs)
+        self.batches.pacing.observe(answer.batch_size, answer.compute_ms)  # when the next batch may leave
         if self.on_batch and answer.batch_size:
             self.on_batch(answer.batch_size)
         node = answer.node[:12]

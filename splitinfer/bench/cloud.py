@@ -44,8 +44,9 @@ class BenchSettings:
 
 
 async def _client(
-    url: str, req: InferRequest, stop_at: float, measure_from: float, out: list[tuple[float, int]]
+    url: str, req: InferRequest, stop_at: float, out: list[tuple[float, float, int]]
 ) -> None:
+    """One closed-loop client; ``out`` gets (sent at, answered at, batch size) of every request."""
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(url + "/v1/stream", max_msg_size=0) as ws:
             while time.monotonic() < stop_at:
@@ -56,27 +57,29 @@ async def _client(
                 msg = decode_message((await ws.receive()).data)
                 if not isinstance(msg, InferResult):
                     raise RuntimeError(f"worker answered {msg}")
-                if sent >= measure_from:
-                    out.append(((time.monotonic() - sent) * 1e3, msg.batch_size))
+                out.append((sent, time.monotonic(), msg.batch_size))
 
 
 async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings: BenchSettings) -> dict[str, Any]:
     start = time.monotonic()
     measure_from = start + settings.warmup_s
     stop_at = measure_from + settings.seconds
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, float, int]] = []
     await asyncio.gather(
-        *(_client(url, reqs[i % len(reqs)], stop_at, measure_from, samples) for i in range(clients))
+        *(_client(url, reqs[i % len(reqs)], stop_at, samples) for i in range(clients))
     )
-    elapsed = time.monotonic() - measure_from
-    lat = [s[0] for s in samples]
+    # throughput: answers that arrived inside the window over the window (not the time spent
+    # waiting for the answers still in flight when it closes); latency: requests sent inside it
+    answered = sum(1 for _, done, _ in samples if measure_from <= done <= stop_at)
+    measured = [s for s in samples if s[0] >= measure_from]
+    lat = [(done - sent) * 1e3 for sent, done, _ in measured]
     return {
         "concurrency": clients,
-        "requests": len(samples),
-        "throughput_rps": round(len(samples) / elapsed, 2),
+        "requests": len(measured),
+        "throughput_rps": round(answered / settings.seconds, 2),
         "p50_ms": round(percentile(lat, 0.5), 2),
         "p95_ms": round(percentile(lat, 0.95), 2),
-        "mean_batch": round(statistics.fmean(s[1] for s in samples), 2),
+        "mean_batch": round(statistics.fmean(s[2] for s in measured), 2),
     }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import time
 import uuid
@@ -89,6 +90,9 @@ class InferenceService:
 
     async def start(self) -> None:
         await self.backend.start()
+        # what exists now (models, tails, Ray's and torch's modules) lives as long as the worker:
+        # out of the cyclic GC's scans, so a collection under load walks only requests' objects
+        gc.freeze()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="trim")
 
     async def close(self) -> None:

@@ -28,6 +28,10 @@ from splitinfer.core.split import split_model
 from splitinfer.util.stats import percentile
 
 
+QUIET_BUSY = 0.25  # a worker has settled once the machine's CPU is at most this busy over 0.5 s
+QUIET_TIMEOUT_S = 30.0  # ... or after this long (a machine busy with other work)
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     model: str
@@ -111,6 +115,7 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
             if settings.threads:
                 args += ["--threads", str(settings.threads)]
             with CloudProcess(*args, timeout_s=300) as cloud:
+                _wait_until_quiet()
                 for clients in settings.concurrency:
                     point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
                     results.append({"backend": backend, "replicas": replicas, "batching": batching, **point})
@@ -138,6 +143,33 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
         # ray: per-batch-size service time of one replica and the predicted vs measured rows
         "prediction": prediction,
     }
+
+
+def _cpu_busy(window_s: float) -> float | None:
+    """The share of this machine's CPU time that was busy over ``window_s`` (None: no /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(window_s)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def _wait_until_quiet(max_busy: float = QUIET_BUSY, timeout_s: float = QUIET_TIMEOUT_S) -> None:
+    """Wait until a new worker's start-up is over (a local Ray goes on starting worker processes
+    for seconds after it answers): that work is not the throughput being measured."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = _cpu_busy(0.5)
+        if busy is None or busy <= max_busy:
+            return
 
 
 def _setups(settings: BenchSettings) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ it ends, pass or fail (each `ray start` in its own session; its descendants by p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -326,6 +328,42 @@ def test_local_ray_started_and_stopped_with_the_worker(sig: int, tail_request) -
         cloud.kill()
         for p in leftover:
             os.kill(p, signal.SIGKILL)
+
+
+def _apps(address: str) -> list[str]:
+    """The Serve applications on the cluster, as a fresh driver sees them."""
+    code = (f"import json, ray; from ray import serve; ray.init(address={address!r}, namespace='splitinfer', "
+            f"logging_level='ERROR'); print(json.dumps(sorted(serve.status().applications)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_app_of_a_sigkilled_worker_is_removed_by_the_next(cluster: dict, tail_request) -> None:
+    """A worker killed with SIGKILL cannot delete its Serve application; its owner actor dies
+    with it, so the next worker to join deletes the orphan and its replicas get the CPUs back."""
+    req, expected = tail_request
+    first = _ray_worker(cluster)
+    try:
+        orphan = json.loads(urllib.request.urlopen(first.url + "/healthz", timeout=10).read())["backend"]["app"]
+    finally:
+        first.kill()
+    assert orphan in _apps(cluster["address"])  # left behind, holding both nodes' CPUs
+    with _ray_worker(cluster) as second:  # two replicas: placed only once the orphan's are gone
+        own = json.loads(urllib.request.urlopen(second.url + "/healthz", timeout=10).read())["backend"]["app"]
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                msg = await _post(s, second.url, replace(req, id="after-orphan"))
+                assert isinstance(msg, InferResult), msg
+                torch.testing.assert_close(msg.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+
+        asyncio.run(run())
+        deadline = time.monotonic() + 60
+        while orphan in (apps := _apps(cluster["address"])) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        assert orphan not in apps and own in apps, apps
+        assert second.terminate() == 0
 
 
 def test_ray_head_gone(cluster: dict, tail_request) -> None:

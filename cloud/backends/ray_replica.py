@@ -28,7 +28,7 @@ from ray import serve
 from splitinfer.cloud.batcher import run_merged
 from splitinfer.cloud.registry import ModelRegistry
 
-__all__ = ["TailAnswer", "TailCall", "TailReplica", "from_arrays", "to_arrays"]
+__all__ = ["AppOwner", "TailAnswer", "TailCall", "TailReplica", "from_arrays", "to_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ def from_arrays(arrays: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[s
             t = t.view(getattr(torch, dtypes[name]))
         out[name] = t
     return out
+
+
+class AppOwner:
+    """A worker's token of life on a shared cluster: an actor owned by the worker's Ray driver,
+    so Ray ends it when that process ends, however it ended (SIGKILL included). A Serve
+    application whose owner is gone is an orphan that the next worker to join removes."""
+
+    def alive(self) -> bool:
+        return True
 
 
 class TailReplica:

@@ -50,6 +50,8 @@ WATCH_EVERY_S = 0.5  # how often the head's GCS port is checked
 RETRY_MIN_S = 0.05  # a call is retried (its replica died) only with at least this much time left
 OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: activations in flight, not a cache
 DEPTH = 2  # batches out per replica: one running, the next one on its way
+APP_PREFIX = "splitinfer-"  # a worker's Serve application: splitinfer-<worker id>
+OWNER_PREFIX = "splitinfer-owner-"  # ... and the actor that lives as long as that worker
 # Ray Serve's documented throughput flags (docs: Serve "Performance Tuning"): the router runs on
 # this worker's event loop and a replica's `run` on the replica's main loop, instead of a thread
 # hop each way per call; both loops only await (torch runs on executor threads), as the flags ask.
@@ -76,7 +78,7 @@ class RayBackend(Backend):
         self.registry = registry
         self.on_batch = on_batch
         self.on_served = on_served  # metrics hook: (replica, node, pid) of each answer
-        self.app_name = f"splitinfer-{config.worker_id}"
+        self.app_name = APP_PREFIX + config.worker_id
         self.admission = Admission(config.max_queue, client_limit(config.max_batch, config.max_queue, config.client_share))
         most = config.autoscale[1] if config.autoscale else config.replicas
         self.batches = DriverBatcher(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, replicas=most,
@@ -92,6 +94,7 @@ class RayBackend(Backend):
         self.down = ""  # why the cluster cannot be used right now ("" while it can)
         self.served: Counter[str] = Counter()
         self._owns_ray = False
+        self._owner: Any = None  # on a joined cluster: the actor that dies with this process
         self._watchdog: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="exclusive")
         self._control = _ControlThread()
@@ -118,7 +121,7 @@ class RayBackend(Backend):
         import ray
         from ray import serve
 
-        from splitinfer.cloud.backends.ray_replica import TailReplica
+        from splitinfer.cloud.backends.ray_replica import AppOwner, TailReplica
 
         cfg = self.config
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a worker
@@ -142,6 +145,9 @@ class RayBackend(Backend):
             self._owns_ray = True
         self.gcs_address = ray.get_runtime_context().gcs_address
         serve.start(proxy_location="Disabled")  # edges reach the tails through this worker only
+        if cfg.ray_address:  # a shared cluster: say this worker lives, and remove dead workers' apps
+            self._owner = ray.remote(AppOwner).options(name=OWNER_PREFIX + cfg.worker_id, num_cpus=0).remote()
+            _remove_orphans(self.app_name)
         options: dict[str, Any] = {
             "name": "tails",
             # the flags also on a joined cluster's nodes, whose processes did not inherit ours
@@ -313,6 +319,27 @@ class RayBackend(Backend):
         if self.down:
             out["down"] = self.down
         return out
+
+
+def _remove_orphans(own_app: str) -> None:
+    """Delete the applications of workers that died without removing theirs (SIGKILL, a lost
+    machine): an app ``splitinfer-<id>`` whose owner actor ``splitinfer-owner-<id>`` is gone."""
+    import ray
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception as exc:  # Serve not running yet on this cluster: nothing to remove
+        log.debug("ray backend: no Serve status (%s)", exc)
+        return
+    for app in apps:
+        if not app.startswith(APP_PREFIX) or app == own_app:
+            continue
+        try:
+            ray.get_actor(OWNER_PREFIX + app[len(APP_PREFIX):])
+        except ValueError:
+            log.warning("ray backend: removing application %s, whose worker is gone", app)
+            serve.delete(app, _blocking=False)
 
 
 async def _awaited(response: Any) -> Any:

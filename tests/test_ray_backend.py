@@ -187,6 +187,18 @@ async def _metrics(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, 
         return _served(await resp.text())
 
 
+def _answers_as_the_model(url: str, req: InferRequest, expected: torch.Tensor) -> None:
+    """The worker at ``url`` answers ``req`` with the whole model's output."""
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as s:
+            msg = await _post(s, url, req)
+            assert isinstance(msg, InferResult), msg
+            torch.testing.assert_close(msg.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+
+    asyncio.run(run())
+
+
 async def _lone_requests_run_at_once(s: aiohttp.ClientSession, url: str, req: InferRequest, replicas: int) -> None:
     """One request at a time: like the local batcher, a replica waits for company at most
     EAGER_AFTER times in vain, then runs a lone request at once (not after LONG_WAIT_MS)."""
@@ -309,13 +321,7 @@ def test_local_ray_started_and_stopped_with_the_worker(sig: int, tail_request) -
     cloud = CloudProcess("--model", MODEL, "--backend", "ray", "--replicas", "1", timeout_s=240, env=ENV)
     try:
 
-        async def run() -> None:
-            async with aiohttp.ClientSession() as s:
-                a = await _post(s, cloud.url, replace(req, id="local"))
-                assert isinstance(a, InferResult), a
-                torch.testing.assert_close(a.outputs["output"], expected, rtol=1e-4, atol=1e-5)
-
-        asyncio.run(run())
+        _answers_as_the_model(cloud.url, replace(req, id="local"), expected)
         started = _descendants(cloud.pid)
         names = {Path(f"/proc/{p}/comm").read_text().strip() for p in _alive(started)}
         assert {"raylet", "gcs_server"} <= names, names
@@ -351,14 +357,7 @@ def test_app_of_a_sigkilled_worker_is_removed_by_the_next(cluster: dict, tail_re
     assert orphan in _apps(cluster["address"])  # left behind, holding both nodes' CPUs
     with _ray_worker(cluster) as second:  # two replicas: placed only once the orphan's are gone
         own = json.loads(urllib.request.urlopen(second.url + "/healthz", timeout=10).read())["backend"]["app"]
-
-        async def run() -> None:
-            async with aiohttp.ClientSession() as s:
-                msg = await _post(s, second.url, replace(req, id="after-orphan"))
-                assert isinstance(msg, InferResult), msg
-                torch.testing.assert_close(msg.outputs["output"], expected, rtol=1e-4, atol=1e-5)
-
-        asyncio.run(run())
+        _answers_as_the_model(second.url, replace(req, id="after-orphan"), expected)
         deadline = time.monotonic() + 60
         while orphan in (apps := _apps(cluster["address"])) and time.monotonic() < deadline:
             time.sleep(1.0)

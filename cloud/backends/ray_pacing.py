@@ -19,7 +19,9 @@ from collections import deque
 
 __all__ = ["Pacing", "ServiceModel"]
 
-LEAD_FRACTION = 0.4  # leave this share of the last batch's predicted run early: run times vary by ~20 %, and a batch that waits at the replica costs nothing while it runs
+# leave this share of the last batch's predicted run early: run times vary by ~20 %, and a
+# batch that waits at the replica costs nothing while the replica is busy anyway
+LEAD_FRACTION = 0.4
 LEAD_MIN_S = 0.002
 HISTORY = 32  # recent (samples, run ms) pairs the service time is fitted on
 

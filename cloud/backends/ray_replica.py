@@ -93,9 +93,6 @@ class AppOwner:
     so Ray ends it when that process ends, however it ended (SIGKILL included). A Serve
     application whose owner is gone is an orphan that the next worker to join removes."""
 
-    def alive(self) -> bool:
-        return True
-
 
 class TailReplica:
     """The deployment's class (cloud/backends/ray_serve.py wraps it with serve.deployment)."""

@@ -126,19 +126,29 @@ def _wait_for_nodes(address: str, count: int, timeout_s: float = 90.0) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A Ray head and a second Ray node, one CPU each."""
+    """A Ray head and a second Ray node, one CPU each; ``start()`` starts them again (the same
+    head port) after a test killed them."""
     logs = tmp_path_factory.mktemp("ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    nodes = [RayNode("--head", "--port", str(port), "--include-dashboard=false",
-                     "--ray-client-server-port", str(_free_port()), log=logs / "head.log")]  # fmt: skip
-    try:
+    nodes: list[RayNode] = []
+    out = {"address": address}
+
+    def start() -> None:
+        n = len(nodes)
+        nodes.append(RayNode("--head", "--port", str(port), "--include-dashboard=false",
+                             "--ray-client-server-port", str(_free_port()), log=logs / f"head{n}.log"))  # fmt: skip
         time.sleep(3)
-        nodes.append(RayNode("--address", address, log=logs / "node2.log"))
+        nodes.append(RayNode("--address", address, log=logs / f"node{n}.log"))
         _wait_for_nodes(address, 2)
-        for n in nodes:
-            n.remember()
-        yield {"address": address, "head": nodes[0], "node": nodes[1]}
+        for node in nodes[-2:]:
+            node.remember()
+        out.update(head=nodes[-2], node=nodes[-1])
+
+    out["start"] = start
+    try:
+        start()
+        yield out
     finally:
         for n in reversed(nodes):
             n.kill()
@@ -365,15 +375,16 @@ def test_app_of_a_sigkilled_worker_is_removed_by_the_next(cluster: dict, tail_re
         assert second.terminate() == 0
 
 
-def test_ray_head_gone(cluster: dict, tail_request) -> None:
-    """Last (it ends the cluster): the worker answers `overloaded` with the reason, at once,
-    and an edge with a fallback answers from it."""
+def test_ray_head_gone_and_back(cluster: dict, tail_request) -> None:
+    """Last (it restarts the cluster): with the head gone the worker answers `overloaded` with
+    the reason, at once, and an edge with a fallback answers from it; once a head answers at the
+    same address again, the worker rejoins that (new) cluster and serves from it, and exits cleanly."""
     from splitinfer.edge.agent import AgentConfig, EdgeAgent, request_input
 
-    req, _ = tail_request
+    req, expected = tail_request
     with _ray_worker(cluster) as cloud:
 
-        async def run() -> None:
+        async def gone() -> None:
             async with aiohttp.ClientSession() as s:
                 assert isinstance(await _post(s, cloud.url, replace(req, id="before")), InferResult)
                 cluster["node"].kill()
@@ -390,8 +401,28 @@ def test_ray_head_gone(cluster: dict, tail_request) -> None:
                 answers = [await agent.infer(x) for _ in range(3)]
             assert all(a.ok and a.source == "fallback" for a in answers), answers
 
-        asyncio.run(run())
-        assert cloud.terminate(timeout_s=60) == 0  # and it still exits cleanly
+        async def back() -> list[str]:
+            """Errors seen until the worker answers again (polled, with a deadline)."""
+            errors: list[str] = []
+            async with aiohttp.ClientSession() as s:
+                deadline = time.monotonic() + 200.0  # a rejoin deploys the replicas again (models load)
+                while time.monotonic() < deadline:
+                    start = time.monotonic()
+                    msg = await _post(s, cloud.url, replace(req, id=uuid.uuid4().hex, deadline_ms=3000.0))
+                    if isinstance(msg, InferResult):
+                        torch.testing.assert_close(msg.outputs["output"], expected, rtol=1e-4, atol=1e-5)
+                        return errors
+                    assert str(msg.code) in ("overloaded", "internal") and "Ray" in msg.message, msg
+                    assert time.monotonic() - start < 3.5, msg.message  # never held past its deadline
+                    errors.append(msg.message)
+                    await asyncio.sleep(0.5)
+            raise AssertionError(f"the worker did not rejoin the restarted cluster: {errors[-3:]}")
+
+        asyncio.run(gone())
+        cluster["start"]()  # a new head on the same port: a new cluster
+        errors = asyncio.run(back())
+        assert all("deadline" not in e for e in errors), errors  # told why, not left to time out
+        assert cloud.terminate(timeout_s=60) == 0  # and it still exits cleanly (its drain, not Ray's default)
 
 
 def test_replica_model_predictions() -> None:

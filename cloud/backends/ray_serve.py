@@ -25,6 +25,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ T = TypeVar("T")
 DEPLOY_TIMEOUT_S = 180.0  # replicas that cannot be placed (too few CPUs) fail the start after this
 TEARDOWN_TIMEOUT_S = 20.0  # leaving a cluster that no longer answers must not hold the exit
 WATCH_EVERY_S = 0.5  # how often the head's GCS port is checked
+REJOIN_RETRY_S = 5.0  # a restarted head that could not be joined is tried again after this
 RETRY_MIN_S = 0.05  # a call is retried (its replica died) only with at least this much time left
 OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: activations in flight, not a cache
 DEPTH = 2  # batches out per replica: one running, the next one on its way
@@ -209,20 +211,55 @@ class RayBackend(Backend):
 
     async def _watch(self) -> None:
         """Mark the cluster down while its head's GCS port refuses connections, so that
-        requests are answered at once rather than at their deadline."""
+        requests are answered at once rather than at their deadline; when a joined cluster's
+        head answers again, rejoin it (a restarted head is a new cluster: the old connection,
+        handle and replicas are gone, and calls on them would only wait for their deadline)."""
         host, _, port = self.gcs_address.rpartition(":")
+        lost = False  # the head went away since this worker last joined
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
                 writer.close()
-                if self.down:
-                    log.warning("ray backend: the head at %s answers again", self.gcs_address)
-                self.down = ""
             except (OSError, asyncio.TimeoutError) as exc:
                 if not self.down:
                     log.error("ray backend: the Ray head at %s is gone (%s)", self.gcs_address, exc)
                 self.down = f"the Ray cluster's head at {self.gcs_address} is unreachable; tails cannot run"
+                lost = True
+                continue
+            if lost and self.config.ray_address:
+                lost = not await self._rejoin()
+                if lost:
+                    await asyncio.sleep(REJOIN_RETRY_S)
+                    continue
+            elif self.down:
+                log.warning("ray backend: the head at %s answers again", self.gcs_address)
+            self.down = ""
+
+    async def _rejoin(self) -> bool:
+        """Leave the lost cluster and join (deploy on) the one at ``ray_address`` again."""
+        address = self.config.ray_address
+        log.warning("ray backend: the head at %s answers again; rejoining the cluster", address)
+        self.down = f"the Ray cluster's head at {address} restarted; the worker is rejoining it"
+
+        def rejoin() -> None:
+            import ray
+
+            ray.shutdown()  # the old connection: its handle and replicas belong to a cluster that is gone
+            self._deploy()
+
+        handlers = _signal_handlers()
+        try:
+            await self._control.run(rejoin, DEPLOY_TIMEOUT_S)
+        except Exception as exc:  # kept down; tried again
+            log.error("ray backend: rejoining the cluster at %s failed: %s", address, exc)
+            self.down = f"the Ray cluster's head at {address} restarted and the worker could not rejoin it ({exc})"
+            return False
+        finally:
+            _restore_signal_handlers(handlers)
+        self._run = self.handle.run
+        log.warning("ray backend: rejoined the cluster at %s (application %s)", address, self.app_name)
+        return True
 
     # ------------------------------------------------------------------ work
     @property
@@ -340,6 +377,23 @@ def _remove_orphans(own_app: str) -> None:
         except ValueError:
             log.warning("ray backend: removing application %s, whose worker is gone", app)
             serve.delete(app, _blocking=False)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    return {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the worker's SIGINT/SIGTERM handlers (its drain on exit): leaving and joining a
+    cluster again resets them to the default, which would end the process without draining."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set them (and only it has them: tests run backends elsewhere)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 async def _awaited(response: Any) -> Any:

@@ -14,8 +14,8 @@ application ``splitinfer-<worker id>`` (one deployment, ``tails``, of
 - Faults become explicit answers: a batch whose replica dies mid-run is retried once on
   another (Ray restarts the dead one), then each of its requests gets ``overloaded``; a
   cluster whose head is gone answers ``overloaded`` at once with that reason (a watchdog
-  checks the head's GCS port); nothing waits past its deadline, or ``backend_timeout_s``
-  without one.
+  checks the head's GCS port), and a joined worker rejoins when a head answers there again;
+  nothing waits past its deadline, or ``backend_timeout_s`` without one.
 """
 
 from __future__ import annotations

@@ -214,10 +214,10 @@ class RayBackend(Backend):
         requests are answered at once rather than at their deadline; when a joined cluster's
         head answers again, rejoin it (a restarted head is a new cluster: the old connection,
         handle and replicas are gone, and calls on them would only wait for their deadline)."""
-        host, _, port = self.gcs_address.rpartition(":")
         lost = False  # the head went away since this worker last joined
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
+            host, _, port = self.gcs_address.rpartition(":")  # a rejoin sets it anew
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
                 writer.close()

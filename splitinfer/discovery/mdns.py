@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from splitinfer.discovery.pin import PIN_KEY, SCHEME_KEY
@@ -146,6 +146,7 @@ class Browser:
         kind: str,
         interface: str | None = None,
         on_change: Callable[[Peer, bool], None] | None = None,
+        zc: AsyncZeroconf | None = None,
     ):
         self.service_type = service_type
         self.kind = kind
@@ -153,13 +154,19 @@ class Browser:
         self.on_change = on_change
         self.peers: dict[str, Peer] = {}
         self.changed = asyncio.Event()  # set whenever peers changes
+        self._shared_zc = zc  # given by the caller, who closes it
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        self._zc = _zeroconf(self.interface)
-        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [self.service_type], handlers=[self._on_state])
+        self._zc = self._shared_zc or _zeroconf(self.interface)
+        # QM (multicast-answer) questions: a unicast answer to a QU question goes to one of
+        # the sockets bound to port 5353 on this host, often not ours, and the name is then
+        # not seen until the next query a second or more later.
+        self._browser = AsyncServiceBrowser(
+            self._zc.zeroconf, [self.service_type], handlers=[self._on_state], question_type=DNSQuestionType.QM
+        )
 
     def _on_state(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         # Called on the event loop; resolving needs awaiting, so it runs as a task.
@@ -174,7 +181,7 @@ class Browser:
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(zeroconf, 3000):
+        if not await info.async_request(zeroconf, 3000, question_type=DNSQuestionType.QM):
             return
         addresses = info.parsed_addresses(IPVersion.V4Only)
         if not addresses or info.port is None:
@@ -196,12 +203,17 @@ class Browser:
         if self.on_change:
             self.on_change(peer, present)
 
+    async def settle(self) -> None:
+        """Wait for the resolutions in flight: a name seen is resolved or has timed out."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
-        if self._zc is not None:
+        if self._zc is not None and self._shared_zc is None:
             await self._zc.async_close()
         self._zc = None
 
@@ -212,16 +224,24 @@ def static_peers(urls: Iterable[str]) -> list[Peer]:
 
 
 async def browse_all(timeout_s: float, interface: str | None = None) -> dict[str, list[Peer]]:
-    """What answers within timeout_s: {"clouds": [...], "edges": [...]}."""
-    clouds = Browser(CLOUD_SERVICE, "cloud", interface)
-    edges = Browser(EDGE_SERVICE, "edge", interface)
-    await clouds.start()
-    await edges.start()
+    """What answers within timeout_s: {"clouds": [...], "edges": [...]}.
+
+    A name seen in the window is resolved before this returns (up to the resolver's own
+    3 s), so a slow answer is not dropped at the window's end.
+    """
+    zc = _zeroconf(interface)
+    clouds = Browser(CLOUD_SERVICE, "cloud", interface, zc=zc)
+    edges = Browser(EDGE_SERVICE, "edge", interface, zc=zc)
     try:
+        await clouds.start()
+        await edges.start()
         await asyncio.sleep(timeout_s)  # mDNS has no "done": listen for the given time
+        await clouds.settle()
+        await edges.settle()
     finally:
         await clouds.stop()
         await edges.stop()
+        await zc.async_close()
     return {
         "clouds": sorted(clouds.peers.values(), key=lambda p: p.name),
         "edges": sorted(edges.peers.values(), key=lambda p: p.name),

@@ -34,7 +34,27 @@ def test_bench_cloud_json() -> None:
         assert r["mean_batch"] >= 1
         if not r["batching"]:
             assert r["mean_batch"] == 1
+        cpu = r["cpu_ms_per_request"]  # the worker process did the tails, this one the clients
+        assert cpu["worker"] > 0 and cpu["bench-clients"] > 0 and cpu["total"] >= cpu["worker"] + cpu["bench-clients"]
     assert out["cut"]["index"] > 0 and out["speedup_at_max_concurrency"] > 0
+
+
+def test_process_cpu_counts_a_busy_process_per_request() -> None:
+    from splitinfer.bench.process_cpu import cpu_ms_per_request, snapshot
+
+    spin = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\nprint(flush=True)\nsys.stdin.read()"
+    before = snapshot()
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "\n"  # it has spun its 0.4 s
+        after = snapshot()
+    finally:
+        child.kill()
+        child.wait()
+    per = cpu_ms_per_request(before, after, answered=4)
+    assert 100 - 15 <= per["other"] <= 100 + 60  # 400 ms of CPU over 4 answers (ticks are 10 ms)
+    assert per["total"] >= per["other"]
+    assert cpu_ms_per_request(before, after, answered=0) == {}
 
 
 def test_bench_compression_on_digits() -> None:

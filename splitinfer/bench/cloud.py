@@ -19,6 +19,7 @@ import aiohttp
 import torch
 
 from splitinfer.bench.cloud_predict import measure_service_ms, predictions
+from splitinfer.bench.process_cpu import Snapshot, cpu_ms_per_request, snapshot
 from splitinfer.cloud.process import CloudProcess
 from splitinfer.errors import UserError
 from splitinfer.core.graph import capture
@@ -69,8 +70,15 @@ async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings
     measure_from = start + settings.warmup_s
     stop_at = measure_from + settings.seconds
     samples: list[tuple[float, float, int]] = []
+    cpu: list[Snapshot] = []
+
+    async def take_snapshot(at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        cpu.append(await asyncio.to_thread(snapshot))
+
     await asyncio.gather(
-        *(_client(url, reqs[i % len(reqs)], stop_at, samples) for i in range(clients))
+        *(_client(url, reqs[i % len(reqs)], stop_at, samples) for i in range(clients)),
+        take_snapshot(measure_from), take_snapshot(stop_at),
     )
     # throughput: answers that arrived inside the window over the window (not the time spent
     # waiting for the answers still in flight when it closes); latency: requests sent inside it
@@ -84,6 +92,8 @@ async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings
         "p50_ms": round(percentile(lat, 0.5), 2),
         "p95_ms": round(percentile(lat, 0.95), 2),
         "mean_batch": round(statistics.fmean(s[2] for s in measured), 2),
+        # every process's CPU over the window per answer, by role: where the cores went
+        "cpu_ms_per_request": cpu_ms_per_request(cpu[0], cpu[1], answered),
     }
 
 

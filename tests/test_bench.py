@@ -35,7 +35,7 @@ def test_bench_cloud_json() -> None:
         if not r["batching"]:
             assert r["mean_batch"] == 1
         cpu = r["cpu_ms_per_request"]  # the worker process did the tails, this one the clients
-        assert cpu["worker"] > 0 and cpu["bench-clients"] > 0 and cpu["total"] >= cpu["worker"] + cpu["bench-clients"]
+        assert cpu["worker"] > 0 and cpu["bench-clients"] > 0 and cpu["total"] >= cpu["worker"] + cpu["bench-clients"] - 0.01  # each rounded to 0.01
     assert out["cut"]["index"] > 0 and out["speedup_at_max_concurrency"] > 0
 
 

@@ -65,9 +65,10 @@ SERVE_FLAGS = {
 }
 # Ray's per-call bookkeeping that a serving worker does not read (it keeps its own metrics):
 # task events for the dashboard's task list, Ray's own metrics export, per-handler event-loop
-# stats, and a controller that polls 10 times a second. On 2 cores they cost ~6 ms of CPU per
-# call (worker, replicas, GCS, dashboard agent, controller; `bench cloud`'s cpu_ms_per_request):
-# 2 replicas answered 11-20 % more with them off. Each can be set back in the environment.
+# stats, and a controller that polls 10 times a second. On 2 cores they cost 1-9 ms of CPU per
+# call (worker, replicas, GCS, dashboard agent, controller; `bench cloud`'s cpu_ms_per_request),
+# and 2 replicas answered 0-22 % more with them off (three bench pairs, 2026-12-03). Each can be
+# set back in the environment.
 # `ray list tasks` and the dashboard then show no task of ours; `serve status` is unaffected.
 QUIET_RAY_FLAGS = {
     "RAY_task_events_report_interval_ms": "0",

@@ -70,15 +70,15 @@ async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings
     measure_from = start + settings.warmup_s
     stop_at = measure_from + settings.seconds
     samples: list[tuple[float, float, int]] = []
-    cpu: list[Snapshot] = []
+    cpu: dict[str, Snapshot] = {}
 
-    async def take_snapshot(at: float) -> None:
+    async def take_snapshot(at: float, key: str) -> None:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
-        cpu.append(await asyncio.to_thread(snapshot))
+        cpu[key] = await asyncio.to_thread(snapshot)
 
     await asyncio.gather(
         *(_client(url, reqs[i % len(reqs)], stop_at, samples) for i in range(clients)),
-        take_snapshot(measure_from), take_snapshot(stop_at),
+        take_snapshot(measure_from, "start"), take_snapshot(stop_at, "end"),
     )
     # throughput: answers that arrived inside the window over the window (not the time spent
     # waiting for the answers still in flight when it closes); latency: requests sent inside it
@@ -93,7 +93,7 @@ async def _load_point(url: str, reqs: list[InferRequest], clients: int, settings
         "p95_ms": round(percentile(lat, 0.95), 2),
         "mean_batch": round(statistics.fmean(s[2] for s in measured), 2),
         # every process's CPU over the window per answer, by role: where the cores went
-        "cpu_ms_per_request": cpu_ms_per_request(cpu[0], cpu[1], answered),
+        "cpu_ms_per_request": cpu_ms_per_request(cpu["start"], cpu["end"], answered),
     }
 
 

@@ -66,5 +66,5 @@ def cpu_ms_per_request(before: Snapshot, after: Snapshot, answered: int, me: int
             totals[group] = totals.get(group, 0.0) + used * tick_ms
     per = {g: round(ms / answered, 2) for g, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
     out = {g: v for g, v in per.items() if v >= 0.05}
-    out["total"] = round(sum(per.values()), 2)
+    out["total"] = round(sum(totals.values()) / answered, 2)  # from the unrounded sums
     return out

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,36 @@ def test_bench_cloud_json() -> None:
         cpu = r["cpu_ms_per_request"]  # the worker process did the tails, this one the clients
         assert cpu["worker"] > 0 and cpu["bench-clients"] > 0 and cpu["total"] >= cpu["worker"] + cpu["bench-clients"] - 0.01  # each rounded to 0.01
     assert out["cut"]["index"] > 0 and out["speedup_at_max_concurrency"] > 0
+
+
+def test_bench_cloud_rounds_interleave_and_take_the_median() -> None:
+    out = run_json("bench", "cloud", "--model", "tinycnn", "--concurrency", "2", "--seconds", "0.3",
+                   "--rounds", "2", "--batching", "off")  # fmt: skip
+    rows = out["results"]
+    assert [(r["round"], r["batching"]) for r in rows] == [(0, False), (1, False)]
+    assert out["rounds"] == 2 and all(len(v) == 2 for v in out["per_round"].values())
+    assert out["speedup_at_max_concurrency"] is None  # no batching-on rows to compare with
+
+
+def test_bench_ratios_are_taken_within_a_round() -> None:
+    from splitinfer.bench.cloud import RATIOS, _by_round, _median, _round_order
+
+    assert _round_order(["a", "b"], 0) == ["a", "b"] and _round_order(["a", "b"], 1) == ["b", "a"]
+    # the machine is twice as fast in round 1: within a round 2 replicas answer 1.5x, while a
+    # ratio across rounds would read 3.0 or 0.75
+    rows = [{"backend": "ray", "replicas": n, "batching": False, "concurrency": 32, "round": k, "throughput_rps": rps}
+            for k, n, rps in ((0, 1, 10.0), (0, 2, 15.0), (1, 2, 30.0), (1, 1, 20.0))]  # fmt: skip
+    two_vs_one = RATIOS["two_vs_one_replica_at_max_concurrency"]
+    per_round = [two_vs_one(r, 32, ("ray", 1)) for r in _by_round(rows)]
+    assert per_round == [1.5, 1.5] and _median(per_round) == 1.5
+    assert _median([None, 1.2, 1.6, 1.3]) == 1.3 and _median([None]) is None
+
+
+@pytest.mark.parametrize("args, says", [(("--rounds", "0"), "--rounds"), (("--batching", "sometimes"), "--batching")])
+def test_bench_cloud_refuses_bad_options_in_one_line(args: tuple[str, ...], says: str) -> None:
+    proc = subprocess.run([sys.executable, "-P", "-m", "splitinfer.cli", "bench", "cloud", "--model", "tinycnn", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_process_cpu_counts_a_busy_process_per_request() -> None:

@@ -121,6 +121,8 @@ def bench_cloud_cmd(
     replicas: str = typer.Option("1", "--replicas", help="ray: replica counts to measure, comma-separated"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: an existing cluster (default: a local Ray)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads of the local worker and of each ray replica (default: torch's / 1)"),
+    batching: str = typer.Option("both", "--batching", help="measure with batching off, on, or both"),
+    rounds: int = typer.Option(1, "--rounds", help="measure every setup this many times, interleaved; ratios are the median over rounds"),
 ) -> None:
     """Worker throughput and p50/p95 latency with batching on and off, per backend."""
     from splitinfer.bench.cloud import BenchSettings, run_cloud_bench
@@ -141,26 +143,31 @@ def bench_cloud_cmd(
     if not counts or min(counts) < 1:
         raise UserError("--replicas values must be positive")
     require_positive("--threads", threads)
+    require_positive("--rounds", rounds)
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}
+    if batching not in modes:
+        raise UserError(f"--batching must be off, on or both, got {batching!r}")
     result = run_cloud_bench(
         BenchSettings(model=model, cut_index=cut, concurrency=levels, seconds=seconds, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, backends=backends, replicas=counts, ray_address=ray_address,
-                      threads=threads)
+                      threads=threads, batching=modes[batching], rounds=rounds)
     )
     if json_out:
         emit_json(result)
         return
     table = Table(title=f"{result['model']} tail after cut {result['cut']['index']} ({result['cut']['bytes']:,} bytes)")
-    for col in ("backend", "replicas", "batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
+    for col in ("round", "backend", "replicas", "batching", "clients", "req/s", "p50 ms", "p95 ms", "mean batch"):
         table.add_column(col, justify="right")
     for r in result["results"]:
-        table.add_row(r["backend"], str(r["replicas"]), "on" if r["batching"] else "off", str(r["concurrency"]),
+        table.add_row(str(r["round"]), r["backend"], str(r["replicas"]), "on" if r["batching"] else "off", str(r["concurrency"]),
                       f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_batch']:.1f}")
     console.print(table)
-    console.print(f"throughput with / without batching at {max(levels)} clients: {result['speedup_at_max_concurrency']}x")
-    for key, what in (("ray_vs_local_at_max_concurrency", "ray (1 replica) / local"),
+    for key, what in (("speedup_at_max_concurrency", "throughput with / without batching"),
+                      ("ray_vs_local_at_max_concurrency", "ray (1 replica) / local"),
                       ("two_vs_one_replica_at_max_concurrency", "ray 2 / 1 replicas, batching off")):  # fmt: skip
         if result[key] is not None:
-            console.print(f"{what} at {max(levels)} clients: {result[key]}x")
+            each = f" (median of rounds {', '.join(str(v) for v in result['per_round'][key])})" if rounds > 1 else ""
+            console.print(f"{what} at {max(levels)} clients: {result[key]}x{each}")
     pred = result.get("prediction")
     if pred:
         table = Table(title=f"predicted from one replica's service time {pred['service_ms']} ms, overhead {pred['overhead_ms']} ms")

@@ -13,7 +13,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import aiohttp
 import torch
@@ -28,6 +28,8 @@ from splitinfer.wire.protocol import InferRequest, InferResult, decode_message, 
 from splitinfer.core.split import split_model
 from splitinfer.util.stats import percentile
 
+
+T = TypeVar("T")
 
 QUIET_BUSY = 0.25  # a worker has settled once the machine's CPU is at most this busy over 0.5 s
 QUIET_TIMEOUT_S = 30.0  # ... or after this long (a machine busy with other work)
@@ -46,6 +48,11 @@ class BenchSettings:
     backends: tuple[str, ...] = ("local",)  # cloud worker backends to measure
     replicas: tuple[int, ...] = (1,)  # ray: replica counts to measure (local has one)
     ray_address: str | None = None  # ray: an existing cluster (default: the worker starts a local Ray)
+    batching: tuple[bool, ...] = (False, True)  # batching off, on, or both
+    # every setup measured this many times, interleaved (A B, B A, A B, ...): this machine's speed
+    # drifts by up to 2x over minutes, so a ratio is taken within a round and reported as the
+    # median over rounds, beside every round's own
+    rounds: int = 1
 
 
 async def _client(
@@ -114,22 +121,27 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
             tensors = split.run_head(x)
             reqs.append(InferRequest(f"bench-{i}", lm.name, model_hash, graph.cut_id(head), tensors, None, "none"))
     results: list[dict[str, Any]] = []
-    for backend, replicas in _setups(settings):
-        for batching in (False, True):
-            args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
-                    "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000", "--backend", backend]
-            if backend == "ray":
-                args += ["--replicas", str(replicas)]
-                if settings.ray_address:
-                    args += ["--ray-address", settings.ray_address]
-            if settings.threads:
-                args += ["--threads", str(settings.threads)]
-            with CloudProcess(*args, timeout_s=300) as cloud:
-                _wait_until_quiet()
-                for clients in settings.concurrency:
-                    point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
-                    results.append({"backend": backend, "replicas": replicas, "batching": batching, **point})
+    for round_no in range(settings.rounds):
+        for backend, replicas in _round_order(_setups(settings), round_no):
+            for batching in settings.batching:
+                args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
+                        "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000", "--backend", backend]
+                if backend == "ray":
+                    args += ["--replicas", str(replicas)]
+                    if settings.ray_address:
+                        args += ["--ray-address", settings.ray_address]
+                if settings.threads:
+                    args += ["--threads", str(settings.threads)]
+                with CloudProcess(*args, timeout_s=300) as cloud:
+                    _wait_until_quiet()
+                    for clients in settings.concurrency:
+                        point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
+                        results.append({"backend": backend, "replicas": replicas, "batching": batching,
+                                        "round": round_no, **point})
     top = max(settings.concurrency)
+    first = _setups(settings)[0]  # the batching figures compare this setup's rows
+    per_round = {name: [measure(rows, top, first) for rows in _by_round(results)] for name, measure in RATIOS.items()}
+    ratios = {name: _median(values) for name, values in per_round.items()}
     prediction = None
     if "ray" in settings.backends:  # what the replica model predicts from one replica's service time
         service = measure_service_ms(split.run_tail, reqs[0].tensors, settings.max_batch, settings.threads or 1)
@@ -143,16 +155,44 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
         "backends": list(settings.backends),
         "replicas": list(settings.replicas),
         "results": results,
-        "speedup_at_max_concurrency": _speedup(_first_setup(results), top),
-        # a lone client: batching must cost nothing (p50 with batching on / off; <= ~1)
-        "lone_client_p50_ratio": _lone_ratio(_first_setup(results)),
-        # ray, 1 replica vs local, batching on, at the most clients (target >= 0.9)
-        "ray_vs_local_at_max_concurrency": _ratio(results, top, ("ray", 1, True), ("local", 1, True)),
-        # ray, 2 vs 1 replicas with batching off, at the most clients (target >= 1.5 on 2 cores)
-        "two_vs_one_replica_at_max_concurrency": _ratio(results, top, ("ray", 2, False), ("ray", 1, False)),
+        "rounds": settings.rounds,
+        # each ratio: the median over rounds of the ratio within a round ("per_round": each one)
+        **ratios,
+        "per_round": per_round,
         # ray: per-batch-size service time of one replica and the predicted vs measured rows
         "prediction": prediction,
     }
+
+
+# (a round's rows, the most clients, the first setup asked for) -> a ratio, or None without its rows
+RATIOS: dict[str, Callable[[list[dict[str, Any]], int, tuple[str, int]], float | None]] = {
+    "speedup_at_max_concurrency": lambda rows, top, first: _speedup(_setup_rows(rows, first), top),
+    # a lone client: batching must cost nothing (p50 with batching on / off; <= ~1)
+    "lone_client_p50_ratio": lambda rows, top, first: _lone_ratio(_setup_rows(rows, first)),
+    # ray, 1 replica vs local, batching on, at the most clients (target >= 0.9)
+    "ray_vs_local_at_max_concurrency": lambda rows, top, first: _ratio(rows, top, ("ray", 1, True), ("local", 1, True)),
+    # ray, 2 vs 1 replicas with batching off, at the most clients (target >= 1.5 on 2 cores)
+    "two_vs_one_replica_at_max_concurrency":
+        lambda rows, top, first: _ratio(rows, top, ("ray", 2, False), ("ray", 1, False)),
+}
+
+
+def _round_order(setups: list[T], round_no: int) -> list[T]:
+    """Odd rounds run the setups in reverse (A B, B A, ...): a steady drift of the machine's
+    speed then favours neither side of a ratio over a pair of rounds."""
+    return list(reversed(setups)) if round_no % 2 else list(setups)
+
+
+def _by_round(results: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    rounds: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        rounds.setdefault(r["round"], []).append(r)
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
 
 
 def _cpu_busy(window_s: float) -> float | None:
@@ -186,12 +226,9 @@ def _setups(settings: BenchSettings) -> list[tuple[str, int]]:
     return [(b, r) for b in settings.backends for r in (settings.replicas if b == "ray" else (1,))]
 
 
-def _first_setup(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the first (backend, replicas) measured: what the batching figures compare."""
-    if not results:
-        return results
-    first = (results[0]["backend"], results[0]["replicas"])
-    return [r for r in results if (r["backend"], r["replicas"]) == first]
+def _setup_rows(results: list[dict[str, Any]], setup: tuple[str, int]) -> list[dict[str, Any]]:
+    """The rows of one (backend, replicas)."""
+    return [r for r in results if (r["backend"], r["replicas"]) == setup]
 
 
 def _ratio(results: list[dict[str, Any]], clients: int, top: tuple, bottom: tuple) -> float | None:

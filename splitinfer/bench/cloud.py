@@ -120,26 +120,19 @@ def run_cloud_bench(settings: BenchSettings) -> dict[str, Any]:
             x = torch.randn(lm.example_input.shape, generator=torch.Generator().manual_seed(i))
             tensors = split.run_head(x)
             reqs.append(InferRequest(f"bench-{i}", lm.name, model_hash, graph.cut_id(head), tensors, None, "none"))
+    setups = _setups(settings)
     results: list[dict[str, Any]] = []
     for round_no in range(settings.rounds):
-        for backend, replicas in _round_order(_setups(settings), round_no):
+        for backend, replicas in _round_order(setups, round_no):
             for batching in settings.batching:
-                args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
-                        "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000", "--backend", backend]
-                if backend == "ray":
-                    args += ["--replicas", str(replicas)]
-                    if settings.ray_address:
-                        args += ["--ray-address", settings.ray_address]
-                if settings.threads:
-                    args += ["--threads", str(settings.threads)]
-                with CloudProcess(*args, timeout_s=300) as cloud:
+                with CloudProcess(*_worker_args(settings, backend, replicas, batching), timeout_s=300) as cloud:
                     _wait_until_quiet()
                     for clients in settings.concurrency:
                         point = asyncio.run(_load_point(cloud.url, reqs, clients, settings))
                         results.append({"backend": backend, "replicas": replicas, "batching": batching,
                                         "round": round_no, **point})
     top = max(settings.concurrency)
-    first = _setups(settings)[0]  # the batching figures compare this setup's rows
+    first = setups[0]  # the batching figures compare this setup's rows
     per_round = {name: [measure(rows, top, first) for rows in _by_round(results)] for name, measure in RATIOS.items()}
     ratios = {name: _median(values) for name, values in per_round.items()}
     prediction = None
@@ -175,6 +168,19 @@ RATIOS: dict[str, Callable[[list[dict[str, Any]], int, tuple[str, int]], float |
     "two_vs_one_replica_at_max_concurrency":
         lambda rows, top, first: _ratio(rows, top, ("ray", 2, False), ("ray", 1, False)),
 }
+
+
+def _worker_args(settings: BenchSettings, backend: str, replicas: int, batching: bool) -> list[str]:
+    """`splitinfer cloud` options of one measured setup (batching off: batches of one)."""
+    args = ["--model", settings.model, "--max-batch", str(settings.max_batch if batching else 1),
+            "--max-wait-ms", str(settings.max_wait_ms), "--max-queue", "100000", "--backend", backend]
+    if backend == "ray":
+        args += ["--replicas", str(replicas)]
+        if settings.ray_address:
+            args += ["--ray-address", settings.ray_address]
+    if settings.threads:
+        args += ["--threads", str(settings.threads)]
+    return args
 
 
 def _round_order(setups: list[T], round_no: int) -> list[T]:

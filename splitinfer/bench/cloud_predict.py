@@ -53,7 +53,7 @@ def predictions(results: list[dict[str, Any]], service_ms: dict[int, float], max
         if r["backend"] != "ray":
             continue
         p = predict_replicas(service_ms, r["replicas"], r["concurrency"], max_batch if r["batching"] else 1, overhead)
-        rows.append({"replicas": r["replicas"], "batching": r["batching"], "concurrency": r["concurrency"], "round": r.get("round", 0),
+        rows.append({"replicas": r["replicas"], "batching": r["batching"], "concurrency": r["concurrency"], "round": r["round"],
                      "predicted_rps": round(p.throughput_rps, 2), "measured_rps": r["throughput_rps"],
                      "predicted_p50_ms": round(p.p50_ms, 2), "measured_p50_ms": r["p50_ms"],
                      "predicted_mean_batch": round(p.mean_batch, 2), "measured_mean_batch": r["mean_batch"]})  # fmt: skip
